@@ -1,0 +1,418 @@
+"""Build a tractrain store (format v1) from per-subject NIfTI volumes and tractograms.
+
+Config (JSON), file patterns relative to ``<root>/<subject>/`` (``*`` wildcards allowed)::
+
+    {"groups": {
+        "dwi": {"type": "volume", "files": ["dwi.nii.gz"], "standardization": "independent",
+                "mask": "mask.nii.gz", "dtype": "float32"},
+        "bundles": {"type": "streamlines", "files": ["*.trk"], "reference": "dwi.nii.gz",
+                    "step_size": 1.0}},
+     "subjects": {"train": ["sub-01", "sub-02"], "valid": ["sub-03"], "test": []}}
+
+Volume groups concatenate their files along features; ``standardization`` is ``all`` (one
+mean/std for every feature), ``independent`` (per feature), ``per_file`` (one per file) or
+``none``; statistics are taken inside ``mask`` (or over voxels with any non-zero feature), the
+standardized values are written inside it and zeros outside; std is floored at 1e-6.
+Streamline groups accept .trk, .tck (needs ``reference``), .trx (if trx-python is installed),
+optionally resampled to ``step_size`` mm or compressed with tolerance ``compress`` mm (dipy).
+
+The store is written to a temporary sibling folder and renamed into place at the end, so an
+interrupted build never leaves a half store at the output path.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from tractrain.data.errors import ConfigError
+from tractrain.data.format import FORMAT_NAME, FORMAT_VERSION, SPLITS
+
+STANDARDIZATION = ("all", "independent", "per_file", "none")
+VOLUME_KEYS = {"type", "files", "standardization", "mask", "dtype"}
+STREAMLINE_KEYS = {"type", "files", "reference", "step_size", "compress"}
+DTYPES = ("float32", "float16")
+STD_FLOOR = 1e-6
+
+
+def _suggest(name: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read and validate a JSON builder config; raise `ConfigError` naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} "
+                          f"column {err.colno})") from None
+    return validate_config(config, str(path))
+
+
+def validate_config(config, where: str = "config") -> dict:
+    """Check the builder config's structure; return it unchanged."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a JSON object with keys 'groups' and 'subjects'")
+    for key in ("groups", "subjects"):
+        if key not in config:
+            raise ConfigError(f"{where}: missing key {key!r}")
+    unknown = set(config) - {"groups", "subjects"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"{where}: unknown key {name!r}{_suggest(name, ['groups', 'subjects'])}")
+    groups = config["groups"]
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"{where}: 'groups' must be a non-empty object")
+    for name, group in groups.items():
+        at = f"{where}: groups.{name}"
+        if not isinstance(group, dict):
+            raise ConfigError(f"{at}: expected an object")
+        kind = group.get("type")
+        if kind not in ("volume", "streamlines"):
+            raise ConfigError(f"{at}.type: expected 'volume' or 'streamlines', got {kind!r}")
+        allowed = VOLUME_KEYS if kind == "volume" else STREAMLINE_KEYS
+        for key in group:
+            if key not in allowed:
+                raise ConfigError(f"{at}: unknown key {key!r}{_suggest(key, allowed)}")
+        files = group.get("files")
+        if isinstance(files, str):
+            group["files"] = files = [files]
+        if not files or not all(isinstance(f, str) for f in files):
+            raise ConfigError(f"{at}.files: expected a non-empty list of file patterns")
+        if kind == "volume":
+            mode = group.setdefault("standardization", "none")
+            if mode not in STANDARDIZATION:
+                raise ConfigError(f"{at}.standardization: unknown mode {mode!r} "
+                                  f"(expected one of {', '.join(STANDARDIZATION)})")
+            dtype = group.setdefault("dtype", "float32")
+            if dtype not in DTYPES:
+                raise ConfigError(f"{at}.dtype: expected one of {DTYPES}, got {dtype!r}")
+        else:
+            for key in ("step_size", "compress"):
+                value = group.get(key)
+                if value is not None and (not isinstance(value, int | float) or value <= 0):
+                    raise ConfigError(f"{at}.{key}: expected a positive number (mm), got {value!r}")
+            if group.get("step_size") and group.get("compress"):
+                raise ConfigError(f"{at}: set either 'step_size' or 'compress', not both")
+    subjects = config["subjects"]
+    if not isinstance(subjects, dict) or not subjects:
+        raise ConfigError(f"{where}: 'subjects' must map splits {list(SPLITS)} to subject lists")
+    seen: dict[str, str] = {}
+    for split, ids in subjects.items():
+        if split not in SPLITS:
+            raise ConfigError(f"{where}: subjects.{split}: unknown split{_suggest(split, SPLITS)} "
+                              f"(expected {', '.join(SPLITS)})")
+        if not isinstance(ids, list) or not all(isinstance(s, str) for s in ids):
+            raise ConfigError(f"{where}: subjects.{split}: expected a list of subject ids")
+        for subject in ids:
+            if subject in seen:
+                raise ConfigError(f"{where}: subject {subject!r} is listed in both "
+                                  f"{seen[subject]!r} and {split!r}")
+            seen[subject] = split
+    if not seen:
+        raise ConfigError(f"{where}: 'subjects' lists no subject")
+    return config
+
+
+def _match(folder: Path, pattern: str, what: str) -> list[Path]:
+    found = sorted(Path(p) for p in glob.glob(str(folder / pattern)))
+    if not found:
+        raise ConfigError(f"{folder / pattern}: no file matches ({what})")
+    return found
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".trk", ".tck", ".trx"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises many types for unreadable files
+        raise ConfigError(f"{path}: cannot read as NIfTI ({err})") from None
+    if img.ndim not in (3, 4):
+        raise ConfigError(f"{path}: expected a 3-D or 4-D volume, got {img.ndim}-D")
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.size == 0:
+        raise ConfigError(f"{path}: empty volume (shape {data.shape})")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise ConfigError(f"{path}: {bad} NaN/inf voxels (expected finite values)")
+    return data, img.affine
+
+
+def _read_volume_group(folder: Path, name: str, group: dict):
+    parts, names, affine, first = [], [], None, None
+    for pattern in group["files"]:
+        for path in _match(folder, pattern, f"volume group {name!r}"):
+            data, aff = _load_volume(path)
+            if first is None:
+                first, affine, shape = path, aff, data.shape[:3]
+            elif data.shape[:3] != shape or not np.allclose(aff, affine, atol=1e-4):
+                raise ConfigError(
+                    f"{path}: shape {data.shape[:3]}/affine differ from {first.name} "
+                    f"{shape} in volume group {name!r} (files of a group must share their grid)"
+                )
+            parts.append(data)
+            stem = _stem(path)
+            names += [stem] if data.shape[3] == 1 else [f"{stem}_{i}" for i in range(data.shape[3])]
+    mask = None
+    if group.get("mask"):
+        mask = np.zeros(shape, dtype=bool)
+        for path in _match(folder, group["mask"], f"mask of volume group {name!r}"):
+            m, _ = _load_volume(path)
+            if m.shape[:3] != shape:
+                raise ConfigError(f"{path}: mask shape {m.shape[:3]} differs from the volumes' "
+                                  f"{shape}")
+            mask |= (m != 0).any(axis=3)
+    return parts, names, affine, mask
+
+
+def standardize(parts: list[np.ndarray], mode: str, mask: np.ndarray | None):
+    """Concatenate ``parts`` (X, Y, Z, Fi) and z-score them; return (data, means, stds)."""
+    data = np.concatenate(parts, axis=3)
+    n_features = data.shape[3]
+    if mode == "none":
+        return data, [0.0] * n_features, [1.0] * n_features
+    if mask is None:
+        mask = (data != 0).any(axis=3)
+    if not mask.any():
+        raise ConfigError("standardization: the mask (or non-zero region) is empty")
+    inside = data[mask].astype(np.float64)  # (V, F)
+    if mode == "independent":
+        means, stds = inside.mean(0), inside.std(0)
+    elif mode == "all":
+        means = np.full(n_features, inside.mean())
+        stds = np.full(n_features, inside.std())
+    else:  # per_file
+        means, stds, start = np.empty(n_features), np.empty(n_features), 0
+        for part in parts:
+            stop = start + part.shape[3]
+            block = inside[:, start:stop]
+            means[start:stop], stds[start:stop] = block.mean(), block.std()
+            start = stop
+    stds = np.maximum(stds, STD_FLOOR)
+    out = np.zeros_like(data)
+    out[mask] = ((inside - means) / stds).astype(np.float32)
+    return out, means.tolist(), stds.tolist()
+
+
+def _load_tractogram(path: Path, reference: Path | None):
+    """Streamlines of ``path`` in RAS+ mm, with its data-per-streamline."""
+    suffix = "".join(path.suffixes[-1:]).lower()
+    if suffix == ".trx":
+        try:
+            from trx.trx_file_memmap import load as load_trx
+        except ImportError:
+            raise ConfigError(f"{path}: reading .trx needs the trx-python package") from None
+        trx = load_trx(str(path))
+        streamlines = trx.streamlines
+        dps = {k: np.asarray(v) for k, v in trx.data_per_streamline.items()}
+        return streamlines, dps
+    if suffix == ".tck" and reference is None:
+        raise ConfigError(f"{path}: a .tck file needs a 'reference' volume in its group "
+                          "(TCK has no voxel grid)")
+    try:
+        tractogram = nib.streamlines.load(str(path)).tractogram
+    except Exception as err:  # nibabel raises many types for unreadable files
+        raise ConfigError(f"{path}: cannot read as a tractogram ({err})") from None
+    dps = {k: np.asarray(v) for k, v in tractogram.data_per_streamline.items()}
+    return tractogram.streamlines, dps
+
+
+def _flat(streamlines) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.asarray([len(s) for s in streamlines], dtype=np.int64)
+    if len(streamlines) == 0:
+        return np.zeros((0, 3), np.float32), lengths
+    data = getattr(streamlines, "get_data", None)
+    points = data() if data is not None else np.concatenate(list(streamlines))
+    return np.asarray(points, dtype=np.float32).reshape(-1, 3), lengths
+
+
+def lengths_mm(points: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Arc length (same unit as ``points``) of each streamline of a flat array."""
+    if points.shape[0] == 0:
+        return np.zeros(len(lengths), np.float32)
+    seg = np.linalg.norm(np.diff(points.astype(np.float64), axis=0), axis=1)
+    ends = np.cumsum(lengths) - 1
+    seg[ends[:-1]] = 0.0  # no segment across two streamlines
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    starts = ends - lengths + 1
+    return (cum[ends] - cum[starts]).astype(np.float32)
+
+
+def _read_streamline_group(folder: Path, name: str, group: dict):
+    reference = None
+    if group.get("reference"):
+        reference = _match(folder, group["reference"], f"reference of group {name!r}")[0]
+    all_points, all_lengths, dps_parts = [], [], []
+    header_affine = header_dims = None
+    for pattern in group["files"]:
+        for path in _match(folder, pattern, f"streamline group {name!r}"):
+            streamlines, dps = _load_tractogram(path, reference)
+            points, lengths = _flat(streamlines)
+            if lengths.size == 0 or points.shape[0] == 0:
+                raise ConfigError(f"{path}: empty tractogram (no streamlines)")
+            if path.suffix.lower() == ".trk" and header_affine is None:
+                hdr = nib.streamlines.load(str(path), lazy_load=True).header
+                header_affine = np.asarray(hdr["voxel_to_rasmm"], dtype=np.float64)
+                header_dims = [int(d) for d in hdr["dimensions"]]
+            all_points.append(points)
+            all_lengths.append(lengths)
+            dps_parts.append(dps)
+    points, lengths = np.concatenate(all_points), np.concatenate(all_lengths)
+    keys = set.intersection(*(set(d) for d in dps_parts)) if dps_parts else set()
+    dps = {k: np.concatenate([d[k] for d in dps_parts]) for k in sorted(keys)}
+    if group.get("step_size") or group.get("compress"):
+        from tractrain.data import augment
+
+        unit = np.ones(3)
+        if group.get("step_size"):
+            points, lengths = augment.resample(points, lengths, float(group["step_size"]), unit)
+        else:
+            points, lengths = augment.compress(points, lengths, float(group["compress"]), unit)
+    if reference is not None:
+        ref = nib.load(str(reference))
+        affine, dims = ref.affine, [int(d) for d in ref.shape[:3]]
+    elif header_affine is not None:
+        affine, dims = header_affine, header_dims
+    else:
+        raise ConfigError(f"{folder}: streamline group {name!r} needs a 'reference' volume")
+    mm = lengths_mm(points, lengths)
+    voxels = nib.affines.apply_affine(np.linalg.inv(affine), points).astype(np.float32)
+    info = {"affine": np.asarray(affine).tolist(), "dimensions": dims,
+            "voxel_sizes": nib.affines.voxel_sizes(affine).tolist(),
+            "space": "voxel", "origin": "center",
+            "reference": reference.name if reference is not None else None,
+            "n_streamlines": int(lengths.size), "dps_keys": sorted(dps)}
+    return voxels, lengths, mm, dps, info
+
+
+def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, meta: dict):
+    grp = root.create_group(subject)
+    for name, group in config["groups"].items():
+        if group["type"] == "volume":
+            parts, names, affine, mask = _read_volume_group(folder, name, group)
+            data, means, stds = standardize(parts, group["standardization"], mask)
+            seen = meta["volume_groups"].setdefault(
+                name, {"feature_names": names, "dtype": group["dtype"], "n_features": len(names)}
+            )
+            if seen["feature_names"] != names:
+                raise ConfigError(f"{folder}: volume group {name!r} has features {names}, other "
+                                  f"subjects have {seen['feature_names']}")
+            chunks = tuple(min(32, s) for s in data.shape[:3]) + (data.shape[3],)
+            arr = grp.create_array(name, shape=data.shape, dtype=group["dtype"], chunks=chunks)
+            arr[...] = data.astype(group["dtype"])
+            arr.attrs.update({
+                "affine": np.asarray(affine).tolist(),
+                "voxel_sizes": nib.affines.voxel_sizes(affine).tolist(),
+                "feature_names": names,
+                "standardization": {"mode": group["standardization"], "means": means,
+                                    "stds": stds, "mask": group.get("mask")},
+            })
+        else:
+            points, lengths, mm, dps, info = _read_streamline_group(folder, name, group)
+            seen = meta["streamline_groups"].setdefault(name, {"dps_keys": info["dps_keys"]})
+            if seen["dps_keys"] != info["dps_keys"]:
+                raise ConfigError(f"{folder}: streamline group {name!r} has data-per-streamline "
+                                  f"{info['dps_keys']}, other subjects have {seen['dps_keys']}")
+            sgrp = grp.create_group(name)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            for key, value in (("points", points), ("offsets", offsets),
+                               ("lengths", lengths.astype(np.int64)), ("lengths_mm", mm)):
+                chunks = (min(2**16, max(1, value.shape[0])),) + value.shape[1:]
+                arr = sgrp.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks)
+                arr[...] = value
+            for key, value in dps.items():
+                arr = sgrp.create_array(f"dps/{key}", shape=value.shape, dtype=value.dtype)
+                arr[...] = value
+            sgrp.attrs.update(info)
+
+
+def build_store(
+    config: dict,
+    out: str | os.PathLike,
+    root: str | os.PathLike,
+    force: bool = False,
+    progress: bool = True,
+    config_path: str | None = None,
+) -> Path:
+    """Build the store described by ``config`` from subject folders under ``root`` at ``out``.
+
+    Raises `ConfigError` (nothing written at ``out``) on bad input; refuses an existing
+    ``out`` unless ``force``.
+    """
+    from tractrain import __version__
+
+    where = config_path or "config"
+    config = validate_config(json.loads(json.dumps(config)), where)
+    out, root = Path(out), Path(root)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: already exists (use --force to overwrite it)")
+    subjects = [s for split in SPLITS for s in config["subjects"].get(split, [])]
+    for subject in subjects:
+        if not (root / subject).is_dir():
+            split = next(k for k, v in config["subjects"].items() if subject in v)
+            raise ConfigError(f"{where}: subject {subject!r} (split {split!r}) has no folder "
+                              f"{root / subject}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    meta = {"volume_groups": {}, "streamline_groups": {}}
+    try:
+        zroot = zarr.open_group(str(tmp), mode="w")
+        bar = tqdm(subjects, desc="build-store", unit="subject", disable=not progress,
+                   file=sys.stderr)
+        for subject in bar:
+            bar.set_postfix_str(subject)
+            _write_subject(zroot, subject, root / subject, config, meta)
+        zroot.attrs.update({
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "subjects": subjects,
+            "splits": {k: list(config["subjects"].get(k, [])) for k in SPLITS},
+            "volume_groups": meta["volume_groups"],
+            "streamline_groups": meta["streamline_groups"],
+            "provenance": {
+                "tool": f"tractrain {__version__}",
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "config": config,
+                "config_path": config_path,
+                "root": str(root.resolve()),
+                "zarr": zarr.__version__,
+            },
+        })
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

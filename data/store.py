@@ -1,0 +1,248 @@
+"""Read-only access to a tractrain store (format v1, see docs/store-format.md).
+
+``open_store(path, lazy=True)`` validates the schema and returns a `Store`. In lazy mode a
+subject's volume is read on first use and kept in a byte-budget LRU cache; streamline
+offsets/lengths are read once per subject; points of many streamlines are gathered in one
+vectorised read. Non-lazy mode loads everything up front. A `Store` reopens its zarr handles
+in each process, so one opened in a parent works in forked or spawned DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from tractrain.data.cache import ByteLRU
+from tractrain.data.errors import StoreError
+from tractrain.data.format import STREAMLINE_ARRAYS, check_root_attrs
+
+DEFAULT_CACHE_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class StreamlineIndex:
+    """Per-subject streamline table: ``points[offsets[i]:offsets[i + 1]]`` is streamline i."""
+
+    offsets: np.ndarray  # (S + 1,) int64
+    lengths: np.ndarray  # (S,) int64, points per streamline
+    lengths_mm: np.ndarray  # (S,) float32
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for every (s, n), without a Python loop."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    block_starts = np.cumsum(lengths) - lengths
+    shift = np.repeat(starts - block_starts, lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def open_store(
+    path: str | os.PathLike, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES
+) -> Store:
+    """Open the store at ``path`` read-only; raise `StoreError` if it is not a valid v1 store.
+
+    Args:
+        path: folder of the store (``*.zarr``).
+        lazy: read volumes on first use (kept under ``cache_bytes``) instead of up front.
+        cache_bytes: byte budget of the lazy volume cache (None: unbounded).
+    """
+    return Store(path, lazy=lazy, cache_bytes=cache_bytes)
+
+
+class Store:
+    """A validated, read-only multisubject store. Build it with `open_store`."""
+
+    def __init__(self, path, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES):
+        self.path = str(Path(path))
+        self.lazy = lazy
+        self.cache_bytes = cache_bytes
+        self._pid = None
+        self._group = None
+        self._reset_caches()
+        attrs = self._read_root_attrs()
+        check_root_attrs(attrs, self.path)
+        self.attrs = attrs
+        self.subjects: list[str] = list(attrs["subjects"])
+        self.splits: dict[str, list[str]] = {k: list(v) for k, v in attrs["splits"].items()}
+        self.volume_groups: dict[str, dict] = dict(attrs["volume_groups"])
+        self.streamline_groups: dict[str, dict] = dict(attrs["streamline_groups"])
+        self.provenance: dict = dict(attrs["provenance"])
+        self._validate_subjects()
+        if not lazy:
+            self._load_all()
+
+    # -- process-local handles -------------------------------------------------------------
+    def _reset_caches(self) -> None:
+        self._arrays: dict[tuple, zarr.Array] = {}
+        self._indexes: dict[tuple, StreamlineIndex] = {}
+        self._points: dict[tuple, np.ndarray] = {}
+        self._volumes = ByteLRU(self.cache_bytes if self.lazy else None)
+
+    def _root(self) -> zarr.Group:
+        if self._group is None or self._pid != os.getpid():
+            self._group = zarr.open_group(self.path, mode="r")
+            self._pid = os.getpid()
+            self._arrays = {}
+        return self._group
+
+    def _array(self, *keys: str) -> zarr.Array:
+        if self._pid != os.getpid():
+            self._group = None
+        root = self._root()
+        if keys not in self._arrays:
+            self._arrays[keys] = root["/".join(keys)]
+        return self._arrays[keys]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_group=None, _pid=None, _arrays={})
+        if self.lazy:  # a worker reloads what it needs; don't ship the parent's cache
+            state.update(_volumes=ByteLRU(self.cache_bytes), _points={})
+        return state
+
+    # -- validation ------------------------------------------------------------------------
+    def _read_root_attrs(self) -> dict:
+        if not Path(self.path).is_dir():
+            raise StoreError(f"{self.path}: no such store (expected a folder written by "
+                             "tractrain-build-store)")
+        try:
+            return self._root().attrs.asdict()
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+            raise StoreError(f"{self.path}: not a tractrain store (no zarr group: {err})") from None
+
+    def _validate_subjects(self) -> None:
+        root = self._root()
+        for subject in self.subjects:
+            for name, meta in self.volume_groups.items():
+                where = f"{self.path}: {subject}/{name}"
+                try:
+                    arr = root[f"{subject}/{name}"]
+                except KeyError:
+                    raise StoreError(f"{where}: volume group missing") from None
+                if not isinstance(arr, zarr.Array) or arr.ndim != 4:
+                    raise StoreError(f"{where}: expected a 4-D (X, Y, Z, F) array")
+                features = list(arr.attrs.get("feature_names", []))
+                if features != list(meta["feature_names"]):
+                    raise StoreError(
+                        f"{where}: features {features} differ from the group's "
+                        f"{list(meta['feature_names'])} (all subjects must share features)"
+                    )
+                if str(arr.dtype) != meta["dtype"]:
+                    raise StoreError(f"{where}: dtype {arr.dtype} differs from the group's "
+                                     f"{meta['dtype']}")
+            for name, meta in self.streamline_groups.items():
+                where = f"{self.path}: {subject}/{name}"
+                try:
+                    grp = root[f"{subject}/{name}"]
+                    keys = set(grp.array_keys())
+                except (KeyError, AttributeError):
+                    raise StoreError(f"{where}: streamline group missing") from None
+                missing = [k for k in STREAMLINE_ARRAYS if k not in keys]
+                if missing:
+                    raise StoreError(f"{where}: arrays {missing} missing")
+                dps = sorted(grp.attrs.get("dps_keys", []))
+                if dps != sorted(meta.get("dps_keys", [])):
+                    raise StoreError(f"{where}: data-per-streamline keys {dps} differ from the "
+                                     f"group's {sorted(meta.get('dps_keys', []))}")
+
+    def _check(self, subject: str, group: str, kind: dict) -> None:
+        if subject not in self.subjects:
+            raise StoreError(f"{self.path}: unknown subject {subject!r}")
+        if group not in kind:
+            raise StoreError(f"{self.path}: unknown group {group!r} (have {sorted(kind)})")
+
+    def _load_all(self) -> None:
+        for subject in self.subjects:
+            for name in self.volume_groups:
+                self.volume(subject, name)
+            for name in self.streamline_groups:
+                self.streamline_index(subject, name)
+                self._points[(subject, name)] = self._array(subject, name, "points")[...]
+
+    # -- public reads ----------------------------------------------------------------------
+    def streamline_index(self, subject: str, group: str) -> StreamlineIndex:
+        """Offsets, lengths (points) and lengths (mm) of a subject's streamlines; read once."""
+        key = (subject, group)
+        if key not in self._indexes:
+            self._check(subject, group, self.streamline_groups)
+            self._indexes[key] = StreamlineIndex(
+                offsets=np.asarray(self._array(subject, group, "offsets")[...], dtype=np.int64),
+                lengths=np.asarray(self._array(subject, group, "lengths")[...], dtype=np.int64),
+                lengths_mm=np.asarray(self._array(subject, group, "lengths_mm")[...],
+                                      dtype=np.float32),
+            )
+        return self._indexes[key]
+
+    def gather(self, subject: str, group: str, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Points (M, 3) float32 and lengths (k,) of streamlines ``ids``, in the order given.
+
+        One vectorised read of the needed points (never one read per streamline).
+        """
+        index = self.streamline_index(subject, group)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(index)):
+            raise StoreError(f"{self.path}: {subject}/{group}: streamline ids out of range "
+                             f"[0, {len(index)})")
+        starts, lengths = index.offsets[ids], index.lengths[ids]
+        if not self.lazy or (subject, group) in self._points:
+            return self._points[(subject, group)][expand_ranges(starts, lengths)], lengths
+        order = np.argsort(starts, kind="stable")
+        sorted_lengths = lengths[order]
+        data = self._array(subject, group, "points").oindex[
+            expand_ranges(starts[order], sorted_lengths)
+        ]
+        if np.all(order[1:] > order[:-1]):  # ids were already in storage order
+            return np.asarray(data, dtype=np.float32), lengths
+        block = np.empty_like(order)
+        block[order] = np.cumsum(sorted_lengths) - sorted_lengths
+        return np.asarray(data[expand_ranges(block, lengths)], dtype=np.float32), lengths
+
+    def dps(self, subject: str, group: str, key: str, ids) -> np.ndarray:
+        """Data-per-streamline ``key`` for streamlines ``ids``."""
+        self._check(subject, group, self.streamline_groups)
+        if key not in self.streamline_groups[group].get("dps_keys", []):
+            raise StoreError(f"{self.path}: {group}: no data-per-streamline {key!r}")
+        return np.asarray(self._array(subject, group, "dps", key).oindex[np.asarray(ids)])
+
+    def volume(self, subject: str, group: str) -> np.ndarray:
+        """The (X, Y, Z, F) volume of a subject; cached under the byte budget when lazy."""
+        self._check(subject, group, self.volume_groups)
+        return self._volumes.get((subject, group), lambda: self._array(subject, group)[...])
+
+    def volume_info(self, subject: str, group: str) -> dict:
+        """Affine, voxel sizes, feature names, shape and standardization of a volume."""
+        self._check(subject, group, self.volume_groups)
+        arr = self._array(subject, group)
+        info = arr.attrs.asdict()
+        info["affine"] = np.asarray(info["affine"], dtype=np.float64)
+        info["voxel_sizes"] = np.asarray(info["voxel_sizes"], dtype=np.float64)
+        info["shape"] = tuple(arr.shape)
+        return info
+
+    def streamline_info(self, subject: str, group: str) -> dict:
+        """Affine and voxel sizes of the space the streamlines' voxel coordinates refer to."""
+        self._check(subject, group, self.streamline_groups)
+        info = self._root()[f"{subject}/{group}"].attrs.asdict()
+        info["affine"] = np.asarray(info["affine"], dtype=np.float64)
+        info["voxel_sizes"] = np.asarray(info["voxel_sizes"], dtype=np.float64)
+        return info
+
+    @property
+    def cache(self) -> ByteLRU:
+        """The volume cache (``hits``, ``misses``, ``evictions``, ``nbytes``)."""
+        return self._volumes
+
+    def __repr__(self) -> str:
+        return (f"Store({self.path!r}, lazy={self.lazy}, subjects={len(self.subjects)}, "
+                f"volumes={list(self.volume_groups)}, streamlines={list(self.streamline_groups)})")
