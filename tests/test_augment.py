@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
 from dipy.tracking.streamlinespeed import set_number_of_points
 from scipy.stats import truncnorm
 
-from bench.naive import naive_augment, naive_gather
 from tractrain.data.augment import (
     AugmentConfig,
     add_noise,
@@ -19,6 +21,19 @@ from tractrain.data.augment import (
     split,
 )
 from tractrain.data.errors import ConfigError
+
+
+def _load_naive():
+    """bench/ is not an installed package: load bench/naive.py by path (any pytest launcher)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "naive.py"
+    spec = importlib.util.spec_from_file_location("tractrain_bench_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_naive = _load_naive()
+naive_augment, naive_gather = _naive.naive_augment, _naive.naive_gather
 
 ANISO = np.array([1.0, 2.0, 2.5])
 
