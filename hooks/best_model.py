@@ -94,8 +94,8 @@ class BestModel:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
 
     def _publish(self, trainer: Engine) -> None:
-        if self.best is not None:
-            trainer.state.best_epoch = dict(self.best)
+        """Expose the best record as ``trainer.state.best_epoch`` (None before any)."""
+        trainer.state.best_epoch = None if self.best is None else dict(self.best)
 
     def _on_epoch_completed(self, trainer: Engine) -> None:
         self.step(trainer.state.metrics, trainer.state.epoch)

@@ -209,13 +209,18 @@ def test_best_model_resumes_best_value(tmp_path, monkeypatch):
     resumed = BestModel(tmp_path, model)
     resumed.load_state_dict(state)
     resumed.attach(second)
+    published = []
+    second.add_event_handler(Events.STARTED, lambda e: published.append(e.state.best_epoch))
     second.load_state_dict({**engine_state, "max_epochs": 5})
     run(second, max_epochs=5)
+    assert published[0]["epoch"] == 2 and published[0]["value"] == 1.0
     # epochs 3 and 4 are worse than the restored best (epoch 2); epoch 5 improves
     assert len(written) == 3
     assert json.loads((tmp_path / "best_epoch.json").read_text())["epoch"] == 5
     with pytest.raises(CheckpointError, match="best_model"):
         BestModel.load(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="model_config"):
+        BestModel(tmp_path, model, {"activation": torch.nn.ReLU})
 
 
 # ---------------------------------------------------------------- Patience
