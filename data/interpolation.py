@@ -1,0 +1,262 @@
+"""Trilinear interpolation of a subject's 4-D volume at streamline points, plus neighbourhoods.
+
+Coordinates are voxel coordinates with the origin at the centre of voxel (0, 0, 0): the integer
+point ``(i, j, k)`` returns exactly ``volume[i, j, k]`` (the convention of
+``scipy.ndimage.map_coordinates``). Everything runs in torch on the device of the tensors given.
+
+Outside policy (``outside=``):
+
+- ``"zeros"``: each of the 8 corner voxels that lies outside the grid contributes 0, so values
+  fade linearly to 0 over the last voxel beyond the border and are 0 one voxel past it. This
+  equals ``scipy.ndimage.map_coordinates(order=1, mode="grid-constant", cval=0)`` (scipy's
+  ``mode="constant"`` differs: it returns ``cval`` for any point outside ``[0, dim - 1]``
+  instead of interpolating towards it).
+- ``"clamp"``: each coordinate is clamped into ``[0, dim - 1]`` before interpolating, i.e. the
+  border value extends forever. This equals ``map_coordinates(order=1, mode="nearest")``.
+
+Neighbourhoods (:func:`neighborhood_offsets`) are fixed offsets in mm around every point, turned
+into voxel units with the volume's voxel sizes; :func:`interpolate_inputs` interpolates the point
+and all its neighbours in one gather and lays the features out as ``[centre | n1 | n2 | ...]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tractrain.data.errors import ConfigError
+
+NEIGHBORHOODS = (None, "axes", "grid")
+OUTSIDE = ("zeros", "clamp")
+_STEP_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What to interpolate at each streamline point.
+
+    Attributes:
+        volume_group: name of the store volume group to read.
+        neighborhood: None (the point only), ``"axes"`` (points along the 3 axes) or ``"grid"``
+            (a full cube of points).
+        radius_mm: neighbourhood radius in mm.
+        resolution_mm: spacing of the neighbourhood points in mm (default: ``radius_mm``).
+        outside: ``"zeros"`` or ``"clamp"``, see the module docstring.
+    """
+
+    volume_group: str
+    neighborhood: str | None = None
+    radius_mm: float = 0.0
+    resolution_mm: float | None = None
+    outside: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.volume_group, str) or not self.volume_group:
+            raise ConfigError(
+                f"inputs.volume_group: expected a non-empty string, got {self.volume_group!r}"
+            )
+        if self.neighborhood not in NEIGHBORHOODS:
+            raise ConfigError(
+                f"inputs.neighborhood: expected None, 'axes' or 'grid', got {self.neighborhood!r}"
+            )
+        if self.outside not in OUTSIDE:
+            raise ConfigError(
+                f"inputs.outside: expected 'zeros' or 'clamp', got {self.outside!r}"
+            )
+        if not _is_finite_number(self.radius_mm) or self.radius_mm < 0:
+            raise ConfigError(
+                f"inputs.radius_mm: expected a finite number >= 0, got {self.radius_mm!r}"
+            )
+        if self.neighborhood is not None and self.radius_mm == 0:
+            raise ConfigError(
+                f"inputs.radius_mm: neighborhood {self.neighborhood!r} needs radius_mm > 0, got 0"
+            )
+        if self.resolution_mm is not None:
+            if self.radius_mm == 0:
+                raise ConfigError(
+                    "inputs.resolution_mm: a neighbourhood radius of 0 with resolution set; "
+                    "set radius_mm > 0 or leave resolution_mm unset"
+                )
+            if not _is_finite_number(self.resolution_mm) or self.resolution_mm <= 0:
+                raise ConfigError(
+                    f"inputs.resolution_mm: expected a finite number > 0, "
+                    f"got {self.resolution_mm!r}"
+                )
+            if self.resolution_mm > self.radius_mm * (1 + _STEP_TOLERANCE):
+                raise ConfigError(
+                    f"inputs.resolution_mm: expected <= radius_mm ({self.radius_mm}), "
+                    f"got {self.resolution_mm}"
+                )
+
+    @property
+    def steps(self) -> int:
+        """Neighbour steps per direction: ``floor(radius_mm / resolution_mm)`` (0 if none)."""
+        if self.neighborhood is None:
+            return 0
+        resolution = self.radius_mm if self.resolution_mm is None else self.resolution_mm
+        return int(math.floor(self.radius_mm / resolution + _STEP_TOLERANCE))
+
+
+def _is_finite_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+def _voxel_sizes(voxel_sizes: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    try:
+        sizes = torch.as_tensor(voxel_sizes, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"voxel_sizes: expected 3 numbers, got {voxel_sizes!r}") from err
+    if sizes.numel() != 3 or not bool(torch.all(torch.isfinite(sizes) & (sizes > 0))):
+        raise ConfigError(f"voxel_sizes: expected 3 positive numbers, got {voxel_sizes!r}")
+    return sizes
+
+
+def neighborhood_offsets(
+    config: InputConfig, voxel_sizes: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """(N, 3) float32 neighbour offsets in voxel units (mm / voxel size); row 0 is (0, 0, 0).
+
+    With ``n = config.steps`` and ``r = resolution_mm``, the order after the centre is:
+
+    - ``"axes"``: for ``s = 1..n``: ``+x, -x, +y, -y, +z, -z`` at ``s * r`` mm (N = 1 + 6n).
+    - ``"grid"``: every ``(a, b, c) * r`` mm with ``a, b, c`` in ``-n..n`` except the centre,
+      in C order (``c`` fastest) (N = (2n + 1)^3).
+    - None: only the centre (N = 1).
+    """
+    sizes = _voxel_sizes(voxel_sizes)
+    n = config.steps
+    resolution = config.radius_mm if config.resolution_mm is None else config.resolution_mm
+    rows: list[tuple[int, int, int]] = [(0, 0, 0)]
+    if config.neighborhood == "axes":
+        for s in range(1, n + 1):
+            for axis in range(3):
+                for sign in (1, -1):
+                    step = [0, 0, 0]
+                    step[axis] = sign * s
+                    rows.append((step[0], step[1], step[2]))
+    elif config.neighborhood == "grid":
+        span = range(-n, n + 1)
+        rows += [(a, b, c) for a in span for b in span for c in span if (a, b, c) != (0, 0, 0)]
+    steps = torch.tensor(rows, dtype=torch.float64)
+    return (steps * resolution / sizes).to(torch.float32)
+
+
+def _outer8(pair: torch.Tensor, op) -> torch.Tensor:
+    """(M, 2, 3) per-axis values for corner bits 0/1 -> (M, 8) combined with ``op``, C order."""
+    m = pair.shape[0]
+    x = pair[:, :, 0].view(m, 2, 1, 1)
+    y = pair[:, :, 1].view(m, 1, 2, 1)
+    z = pair[:, :, 2].view(m, 1, 1, 2)
+    return op(op(x, y), z).reshape(m, 8)
+
+
+def _corner_index(lo: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(M * 8,) int64 linear indices of the corners ``lo + {0, 1}^3``, clamped into the grid."""
+    maxi = torch.tensor(shape, dtype=torch.int64, device=lo.device) - 1
+    strides = torch.tensor([shape[1] * shape[2], shape[2], 1], dtype=torch.int64, device=lo.device)
+    pair = torch.stack([lo, lo + 1], dim=1)  # (M, 2, 3): [corner bit, axis]
+    pair = torch.minimum(pair.clamp(min=0), maxi) * strides
+    return _outer8(pair, torch.add).reshape(-1)
+
+
+def _corners(
+    points: torch.Tensor, shape: Sequence[int], outside: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear indices (M * 8,) int64 of the 8 corner voxels and their weights (M, 8) float32.
+
+    Corner order is C order over (x, y, z) offsets in {0, 1}. Indices are always valid (clamped
+    into the grid); corners outside the grid get weight 0 under ``"zeros"``.
+    """
+    if outside not in OUTSIDE:
+        raise ConfigError(f"outside: expected 'zeros' or 'clamp', got {outside!r}")
+    p = points.to(torch.float32)
+    if outside == "clamp":
+        dims = torch.tensor(shape, dtype=torch.float32, device=p.device)
+        p = torch.minimum(p.clamp(min=0.0), dims - 1)
+    base = torch.floor(p)
+    frac = p - base  # exact in float32
+    lo = base.to(torch.int64)  # (M, 3)
+    w = torch.stack([1.0 - frac, frac], dim=1)  # (M, 2, 3)
+    if outside == "zeros":
+        maxi = torch.tensor(shape, dtype=torch.int64, device=p.device) - 1
+        corner = torch.stack([lo, lo + 1], dim=1)
+        w = w * ((corner >= 0) & (corner <= maxi))
+    return _corner_index(lo, shape), _outer8(w, torch.mul)
+
+
+def _check(volume: torch.Tensor, points: torch.Tensor) -> None:
+    if volume.dim() != 4:
+        raise ConfigError(f"volume: expected shape (X, Y, Z, F), got {tuple(volume.shape)}")
+    if not volume.is_floating_point():
+        raise ConfigError(f"volume: expected a floating-point dtype, got {volume.dtype}")
+    if points.dim() != 2 or points.shape[1] != 3:
+        raise ConfigError(f"points: expected shape (M, 3), got {tuple(points.shape)}")
+
+
+def _flat(volume: torch.Tensor) -> torch.Tensor:
+    x, y, z, f = volume.shape
+    # a view when the volume is contiguous (the usual case); a copy otherwise
+    return volume.reshape(x * y * z, f)
+
+
+def interpolate(volume: torch.Tensor, points: torch.Tensor, outside: str = "zeros") -> torch.Tensor:
+    """Trilinear interpolation of ``volume`` (X, Y, Z, F) at ``points`` (M, 3) -> (M, F) float32.
+
+    ``volume`` may have any float dtype (float16 halves the memory read); the gathered values
+    are converted to float32 before weighting (on CPU, when more values would be gathered than
+    the volume holds, the volume is converted first: same result, faster). One gather of the
+    8 corners of every point; runs on the device of ``volume``/``points``.
+    """
+    _check(volume, points)
+    m, f = points.shape[0], volume.shape[3]
+    index, weights = _corners(points, volume.shape[:3], outside)
+    flat = _flat(volume)
+    if flat.dtype != torch.float32 and flat.device.type == "cpu" and 8 * m > flat.shape[0]:
+        # CPU half->float conversion is slow: convert the (smaller) volume once instead of the
+        # gathered rows; the values are identical (the conversion is exact).
+        flat = flat.to(torch.float32)
+    gathered = flat.index_select(0, index).to(torch.float32)
+    # bmm measured ~1.4x faster than einsum and ~3.5x faster than (g * w).sum(1) on CPU
+    return torch.bmm(weights.view(m, 1, 8), gathered.view(m, 8, f)).view(m, f)
+
+
+def bare_gather(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Benchmark baseline: index_select of the 8 corner voxels of every point, no weights.
+
+    Returns (M * 8, F) in the volume's dtype; the memory-bound limit for :func:`interpolate`.
+    """
+    _check(volume, points)
+    lo = torch.floor(points.to(torch.float32)).to(torch.int64)
+    return _flat(volume).index_select(0, _corner_index(lo, volume.shape[:3]))
+
+
+def num_input_features(
+    n_features: int, config: InputConfig, voxel_sizes: Sequence[float] | torch.Tensor
+) -> int:
+    """Width of :func:`interpolate_inputs`' output: ``n_features`` times the number of points."""
+    return int(n_features) * int(neighborhood_offsets(config, voxel_sizes).shape[0])
+
+
+def interpolate_inputs(
+    volume: torch.Tensor,
+    points: torch.Tensor,
+    config: InputConfig,
+    voxel_sizes: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """(M, F * N) float32 features at each point, then at each neighbour offset in order.
+
+    Columns ``[j * F:(j + 1) * F]`` hold the features at ``points + offsets[j]`` with
+    ``offsets = neighborhood_offsets(config, voxel_sizes)`` (``j = 0`` is the point itself).
+    """
+    _check(volume, points)
+    offsets = neighborhood_offsets(config, voxel_sizes).to(points.device)
+    m, n, f = points.shape[0], offsets.shape[0], volume.shape[3]
+    if n == 1:
+        return interpolate(volume, points, config.outside)
+    expanded = (points.to(torch.float32).view(m, 1, 3) + offsets.view(1, n, 3)).view(m * n, 3)
+    return interpolate(volume, expanded, config.outside).view(m, n * f)
