@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ignite.engine import Engine, Events
+
 from tractrain.data.errors import ConfigError
 from tractrain.engine.optim import (
     EpochLR,

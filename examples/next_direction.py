@@ -1,0 +1,73 @@
+"""Example model: predict the next streamline direction with a GRU (the demo's model).
+
+This is what you write to train your own model with tractrain: a ``make_model(config)`` and a
+``loss_fn(model, batch) -> (mean_loss, n)``. The batch holds B streamlines packed flat:
+``batch.points`` (M, 3) voxel coordinates, ``batch.lengths`` (B,) points per streamline and
+``batch.inputs`` (M, F) diffusion features interpolated at every point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+
+from tractrain.data.batch import Batch
+from tractrain.data.errors import ConfigError
+
+
+class NextDirectionGRU(torch.nn.Module):
+    """GRU over [features at point t, previous direction] -> direction from t to t + 1."""
+
+    def __init__(self, n_inputs: int, hidden_size: int = 64, num_layers: int = 1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(n_inputs + 3, hidden_size, num_layers, batch_first=True,
+                                dropout=dropout if num_layers > 1 else 0.0)
+        self.head = torch.nn.Linear(hidden_size, 3)
+
+    def forward(self, steps: list[torch.Tensor]) -> torch.Tensor:
+        """``steps``: one (L_i, n_inputs + 3) tensor per streamline -> (sum L_i, 3) flat."""
+        lengths = torch.tensor([len(s) for s in steps])
+        packed = pack_padded_sequence(pad_sequence(steps, batch_first=True), lengths,
+                                      batch_first=True, enforce_sorted=False)
+        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True)  # (B, Lmax, H)
+        valid = torch.arange(hidden.shape[1]) < lengths[:, None]  # drop the padding
+        return self.head(hidden[valid.to(hidden.device)])  # streamline by streamline, in order
+
+
+def make_model(config: dict) -> torch.nn.Module:
+    """Build the model from the ``model`` section of the training config."""
+    return NextDirectionGRU(int(config["n_inputs"]), int(config.get("hidden_size", 64)),
+                            int(config.get("num_layers", 1)), float(config.get("dropout", 0.0)))
+
+
+def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Mean (1 - cosine similarity) between predicted and true directions, over all points
+    that have a successor; n = number of such points."""
+    if batch.inputs is None:
+        raise ConfigError("next_direction loss_fn: batch.inputs is None; configure the "
+                          "loader's inputs (InputConfig with a volume_group)")
+    points, lengths = batch.points, batch.lengths
+    # A step t goes from point t to t + 1: every point except the last of its streamline.
+    # Flat index of the last point of each streamline (skipping empty ones):
+    last = (batch.offsets[1:] - 1)[lengths > 0]
+    has_next = torch.ones(len(points), dtype=torch.bool, device=points.device)
+    has_next[last] = False
+    at = torch.nonzero(has_next).squeeze(1)  # flat index of point t for every step
+    if len(at) == 0:  # only one-point streamlines: nothing to predict, zero gradient
+        return sum(p.sum() for p in model.parameters()) * 0.0, 0
+    target = F.normalize(points[at + 1] - points[at], dim=1)  # unit directions (N, 3)
+
+    # Previous direction: the target of the step before, zeros at a streamline's first point.
+    previous = torch.roll(target, 1, dims=0)
+    is_first = torch.zeros_like(has_next)
+    is_first[batch.offsets[:-1][lengths > 0]] = True
+    previous[is_first[at]] = 0.0
+
+    n_steps = (lengths - 1).clamp(min=0)  # steps per streamline
+    x = torch.cat([batch.inputs[at], previous], dim=1)  # (N, F + 3)
+    steps = [s for s in torch.split(x, n_steps.tolist()) if len(s) > 0]
+    predicted = model(steps)  # (N, 3), same order as ``target``
+    loss = 1.0 - F.cosine_similarity(predicted, target, dim=1)
+    return loss.mean(), len(at)
