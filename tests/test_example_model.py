@@ -190,3 +190,12 @@ def test_training_on_straight_streamlines_learns_the_direction():
     last = loss_fn(net.eval(), batch)[0].item()
     assert math.isfinite(last)
     assert last < 0.1 * first and last < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loss_on_cuda_matches_cpu():
+    batch, net = mixed_batch(seed=5), model(seed=5)
+    cpu_loss, cpu_n = loss_fn(net, batch)
+    cuda_loss, cuda_n = loss_fn(net.cuda(), batch.to("cuda"))
+    assert cuda_n == cpu_n
+    assert cuda_loss.item() == pytest.approx(cpu_loss.item(), rel=1e-4, abs=1e-6)
