@@ -1,0 +1,107 @@
+"""Shared command-line plumbing: one-line errors, flag suggestions, ``--debug`` tracebacks.
+
+Every tractrain command builds its parser with `ArgumentParser` and calls its work function
+through `run`::
+
+    def main(argv=None) -> int:
+        args = make_parser().parse_args(argv)
+        return run(work, args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+
+from tractrain.data.errors import TractrainError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# ``prog`` of the parser that parsed last, so that `run` names the command in its messages.
+_last_prog: str | None = None
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` for the choice closest to ``name``, or ``""`` if none is close."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
+def one_line(message: object) -> str:
+    """``message`` as a single line (newlines and runs of spaces collapsed)."""
+    return " ".join(str(message).split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are one line, with a ``--debug`` flag.
+
+    Unknown flags get the closest known flag as a suggestion; abbreviated long flags are not
+    accepted (``--max-epoch`` is an unknown flag, not ``--max-epochs``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        if "--debug" not in self._option_string_actions:
+            self.add_argument(
+                "--debug", action="store_true", help="show the full traceback on errors"
+            )
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``<prog>: error: <message>`` on one line to stderr and exit with status 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+    def _flags(self) -> list[str]:
+        return [flag for flag in self._option_string_actions if flag.startswith("-")]
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        global _last_prog
+        _last_prog = self.prog
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            first = extras[0]
+            if first.startswith("-") and first != "-":
+                flag = first.split("=", 1)[0]
+                long_only = flag.startswith("--")
+                candidates = [f for f in self._flags() if f.startswith("--") or not long_only]
+                self.error(f"unknown flag {flag}{suggest(flag, candidates)}")
+            self.error(f"unexpected argument {first!r}")
+        return namespace
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.filename}: {error.strerror.lower()}"
+    return str(error) or type(error).__name__
+
+
+def run(
+    main: Callable[[argparse.Namespace], int | None],
+    args: argparse.Namespace,
+    prog: str | None = None,
+) -> int:
+    """Call ``main(args)`` and turn user-facing errors into one line on stderr.
+
+    Returns ``main``'s status (``None`` -> 0). A `TractrainError`, `FileNotFoundError`,
+    `FileExistsError` or `PermissionError` prints ``<prog>: error: <message>`` and returns 2,
+    unless ``args.debug`` is set (then it propagates with its traceback). Ctrl-C returns 130.
+    """
+    prog = prog or _last_prog or os.path.basename(sys.argv[0]) or "tractrain"
+    try:
+        status = main(args)
+    except (TractrainError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {one_line(_describe(e))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if status is None else int(status)
