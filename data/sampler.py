@@ -270,7 +270,7 @@ class _Epoch:
         lasts = inverse[np.cumsum(sizes) - 1].tolist()
         return keys[order], labels[order], ids[order], costs[order], lasts
 
-    def all_subjects(self, order: Sequence[int], limit: int) -> list[BatchIds]:
+    def all_subjects(self, order: Sequence[int], limit: float) -> list[BatchIds]:
         """The whole epoch as one merge of all subjects (``subjects_per_batch=None``)."""
         subjects = [s for s in order if self.counts[s] > 0]
         pos = np.zeros(len(self.names), dtype=np.int64)
@@ -278,7 +278,7 @@ class _Epoch:
         ends = _cut(costs, self.budget, limit, costs.size)
         return _assemble(self.names, labels, ids, ends)
 
-    def group(self, drawn: Sequence[int], pos: np.ndarray, limit: int) -> list[BatchIds]:
+    def group(self, drawn: Sequence[int], pos: np.ndarray, limit: float) -> list[BatchIds]:
         """Up to ``limit`` batches from the ``drawn`` subjects, stopping after the batch in which
         one of them runs out; advances ``pos``."""
         window = limit * self.budget

@@ -123,6 +123,65 @@ def test_sharding_and_cap(counts, config, world_size, max_batches):
     assert Counter(flat(capped)) == Counter(x for s in shards for x in flat(s))
 
 
+def reference_unshuffled(index: SplitIndex, config: SamplerConfig) -> list[list[tuple[str, list]]]:
+    """Slow per-streamline model of the documented algorithm, without shuffle: subjects are
+    merged by their cumulative cost (ties in group order), batches filled greedily."""
+    cost = [costs_of(index, config.units)[name] for name in index.subjects]
+    count = [c.size for c in cost]
+    pos = [0] * len(cost)
+    cap = config.max_batches or float("inf")
+    k = config.subjects_per_batch
+    out: list[list[tuple[str, list]]] = []
+    while len(out) < cap and any(p < n for p, n in zip(pos, count, strict=True)):
+        group = [s for s in range(len(cost)) if pos[s] < count[s]][:k]
+        used = dict.fromkeys(group, 0.0)
+        made, ran_out = 0, False
+        while len(out) < cap and made < (config.cycles if k else float("inf")) and not ran_out:
+            batch: dict[int, list] = {}
+            total = 0.0
+            while True:
+                live = [(r, s) for r, s in enumerate(group) if pos[s] < count[s]]
+                left = [(used[s] + cost[s][pos[s]], r, s) for r, s in live]
+                if not left:
+                    break
+                key, _, s = min(left)
+                c = cost[s][pos[s]]
+                if batch and total + c > config.batch_size:
+                    break
+                batch.setdefault(s, []).append(pos[s])
+                total, used[s], pos[s] = total + c, key, pos[s] + 1
+                ran_out |= k is not None and pos[s] == count[s]
+            if not batch:
+                break
+            out.append([(index.subjects[s], batch[s]) for s in sorted(batch)])
+            made += 1
+    return out
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(0, 25), min_size=1, max_size=4).filter(lambda c: sum(c) > 0),
+    st.sampled_from(UNITS),
+    st.sampled_from([0.5, 1, 3, 7, 40, 150, 1000]),
+    st.one_of(st.none(), st.integers(1, 3)),
+    st.integers(1, 3),
+    st.one_of(st.none(), st.integers(1, 12)),
+    st.integers(0, 100),
+)
+def test_unshuffled_epoch_matches_a_per_streamline_model(counts, units, size, k, cycles, cap, s):
+    rng = np.random.default_rng(s)
+    # mm lengths in steps of 0.5 (sums are exact), some zero; a few very long streamlines
+    lengths = [rng.choice([2, 3, 5, 9, 60, 400], n) for n in counts]
+    mm = [np.where(rng.random(n.size) < 0.2, 0, n - 1) * np.float32(0.5) for n in lengths]
+    index = SplitIndex("valid", "wm", tuple("abcd"[: len(counts)]), tuple(lengths), tuple(mm))
+    config = SamplerConfig(size, units, k, cycles, cap)
+    got = [
+        [(n, ids.tolist()) for n, ids in b]
+        for b in epoch_batches(index, config, 0, 0, shuffle=False)
+    ]
+    assert got == reference_unshuffled(index, config)
+
+
 def test_seed_and_epoch_change_the_order_but_validation_is_fixed():
     index = make_index([300, 200, 100])
     for config in [SamplerConfig(64), SamplerConfig(2000, "points", subjects_per_batch=2)]:
@@ -343,6 +402,8 @@ def test_split_index_from_a_store():
     assert [n.tolist() for n in index.lengths] == [[2, 3, 4, 5], [2, 3, 4]]
     assert index.lengths[0].dtype == np.int64 and index.lengths_mm[0].dtype == np.float32
     assert np.allclose(index.lengths_mm[1], [1.0, 1.5, 2.0])
+    copy = pickle.loads(pickle.dumps(index))
+    assert copy.subjects == index.subjects and np.array_equal(copy.lengths[0], index.lengths[0])
     with pytest.raises(ConfigError, match=r"'nope'.*\['test', 'train', 'valid'\]"):
         split_index(store, "nope", "wm")
     with pytest.raises(ConfigError, match="'test'.*no"):
