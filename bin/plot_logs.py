@@ -235,7 +235,8 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
                         help="experiment folder(s)")
     parser.add_argument("--logs", nargs="+", metavar="NAME",
-                        help="metrics to plot (default: losses, gradient norms, learning rate)")
+                        help="metrics to plot, after the experiments (default: losses, gradient "
+                        "norms, learning rate)")
     parser.add_argument("--out", help="PNG to write (default: <first experiment>/logs/plot.png)")
     parser.add_argument("--csv", metavar="FILE", help="also write the logs table as CSV")
     parser.add_argument("--log-scale", action="store_true", help="logarithmic y axes")

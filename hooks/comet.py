@@ -2,9 +2,9 @@
 
 Online when a Comet API key is configured (``COMET_API_KEY`` or comet's config file), otherwise
 offline: the archive is written under ``<exp>/comet/`` (upload it later with ``comet upload``).
-``comet_ml`` is imported only when the experiment starts, with auto-logging and error tracking
-off unless the environment says otherwise; nothing is sent while offline and the API key is
-never stored by this hook.
+Importing this module imports neither ``comet_ml`` nor ignite: comet_ml is imported when the
+experiment starts, with auto-logging and error tracking off unless the environment says
+otherwise. Nothing is sent while offline and the API key is never stored by this hook.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from ignite.engine import Engine, Events
+from typing import TYPE_CHECKING, Any
 
 from tractrain.data.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
 
 LOGGER = logging.getLogger(__name__)
 
@@ -171,7 +172,14 @@ class CometLogger:
         return self._key
 
     def attach(self, trainer: Engine) -> None:
-        """Start/continue the experiment on STARTED, log at EPOCH_COMPLETED, end at the end."""
+        """Start/continue the experiment on STARTED, log at EPOCH_COMPLETED, end at the end.
+
+        In distributed runs only rank 0 logs (on other ranks this does nothing)."""
+        import ignite.distributed as idist
+        from ignite.engine import Events
+
+        if idist.get_rank() != 0:
+            return
         trainer.add_event_handler(Events.STARTED, self.start)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
         trainer.add_event_handler(Events.TERMINATE, self.close)
@@ -252,6 +260,8 @@ class CometLogger:
         self.close()
         # ignite swallows an exception once a handler is registered for EXCEPTION_RAISED: the
         # last such handler re-raises it, so that every hook gets to clean up first.
+        from ignite.engine import Events
+
         handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED, [])
         if not handlers or handlers[-1][0] == self._exception_handler:
             raise error
