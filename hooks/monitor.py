@@ -19,11 +19,11 @@ from tractrain.data.errors import CheckpointError, ConfigError
 PRODUCERS = {
     "train_loss": "the trainer's epoch metrics (tractrain.engine.trainer.create_trainer)",
     "lr": "the trainer's epoch metrics (tractrain.engine.trainer.create_trainer)",
-    "valid_loss": "the Validation hook",
-    "grad_norm": "the grad-norm hook",
-    "unclipped_grad_norm": "the grad-norm hook",
-    "epoch_time": "the timing hook",
-    "data_wait_share": "the timing hook",
+    "valid_loss": "the Validation hook (tractrain.hooks.validation)",
+    "grad_norm": "the GradNorm hook (tractrain.hooks.grad_norm)",
+    "unclipped_grad_norm": "the GradNorm hook (tractrain.hooks.grad_norm)",
+    "epoch_time": "the Timing hook (tractrain.hooks.timing)",
+    "data_wait_share": "the Timing hook (tractrain.hooks.timing)",
 }
 
 MODES = ("min", "max")

@@ -1,0 +1,135 @@
+"""`train_and_validate`: the trainer, the evaluator and the default hooks in one call.
+
+Read top to bottom, this is the whole training loop's wiring; every hook can also be attached
+alone from your own script (see README.md). Producers of epoch metrics are attached before
+their consumers, and the checkpoint last, so it saves the epoch's final state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine
+
+from tractrain.data.errors import CheckpointError
+from tractrain.engine.epochs import SamplerEpochs
+from tractrain.engine.optim import EpochLR
+from tractrain.engine.rng import GlobalRNG
+from tractrain.engine.trainer import LossFn, create_evaluator, create_trainer
+from tractrain.hooks.best_model import BestModel
+from tractrain.hooks.checkpoint import Checkpoint, check_model_state, load_checkpoint
+from tractrain.hooks.grad_norm import GradNorm
+from tractrain.hooks.logs import NpyLogs
+from tractrain.hooks.patience import Patience
+from tractrain.hooks.progress import Progress
+from tractrain.hooks.signals import GracefulStop
+from tractrain.hooks.timing import Timing
+from tractrain.hooks.validation import Validation
+
+
+def train_and_validate(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    train_loader,
+    *,
+    exp_dir: str | Path,
+    max_epochs: int,
+    valid_loader=None,
+    train_sampler=None,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    clip_grad_norm: float | None = None,
+    lr_schedule=None,
+    nan_policy: str = "stop",
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    monitor: str | None = None,
+    config: dict | None = None,
+    model_config: dict | None = None,
+    comet: dict | None = None,
+    progress: bool | None = None,
+    checkpoint_every: int | None = None,
+    handle_signals: bool = True,
+    resume: bool = False,
+    prepare_batch=None,
+    extra_state: dict | None = None,
+    resume_hint: str | None = None,
+) -> Engine:
+    """Train ``model`` for ``max_epochs`` epochs with validation, checkpoints, best model,
+    patience, logs, optional Comet; returns the trainer (its ``state.metrics`` hold the last
+    epoch's values).
+
+    ``train_loader`` iterates a `tractrain.data.sampler.BatchSampler` (``train_sampler``,
+    default ``train_loader.sampler``), which makes mid-epoch resume exact. With
+    ``resume=True`` every state is restored from ``<exp_dir>/checkpoint`` first.
+    """
+    exp_dir = Path(exp_dir)
+    sampler = train_sampler if train_sampler is not None else train_loader.sampler
+    trainer = create_trainer(model, optimizer, loss_fn, device=device, amp=amp,
+                             clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
+                             nan_policy=nan_policy)
+    position = SamplerEpochs(sampler).attach(trainer)
+    objects: dict = {"model": model, "optimizer": optimizer, "scaler": trainer.scaler,
+                     "position": position, "train_loss": trainer.loss_mean}
+    if lr_schedule is not None:
+        objects["lr"] = EpochLR(lr_schedule, optimizer).attach(trainer)
+    Timing().attach(trainer)
+    objects["grad_norm"] = GradNorm().attach(trainer)
+    if valid_loader is not None:
+        evaluator = create_evaluator(model, loss_fn, device=device, amp=amp,
+                                     prepare_batch=prepare_batch)
+        Validation(evaluator, valid_loader).attach(trainer)
+    best = objects["best_model"] = BestModel(exp_dir, model, model_config, metric=monitor)
+    best.attach(trainer)
+    stopper = objects["patience"] = Patience(patience, min_delta, metric=monitor)
+    stopper.attach(trainer)
+    logs = objects["logs"] = NpyLogs(exp_dir)
+    logs.attach(trainer)
+    if comet is not None:
+        from tractrain.hooks.comet import CometLogger
+
+        objects["comet"] = CometLogger(exp_dir, **{"params": config, **comet})
+        objects["comet"].attach(trainer)
+    Progress(enabled=progress).attach(trainer)
+    objects.update(extra_state or {})
+    objects["rng"] = GlobalRNG()
+    checkpoint = Checkpoint(exp_dir, objects, config=config, every_iterations=checkpoint_every)
+    checkpoint.attach(trainer)
+    if handle_signals:
+        GracefulStop(checkpoint, resume_hint=resume_hint).attach(trainer)
+    trainer.checkpoint = checkpoint
+
+    if resume:
+        meta = restore(checkpoint, model)
+        done = position.epochs_done
+        if done >= max_epochs and position.start == 0:
+            raise CheckpointError(
+                f"{exp_dir}: already trained {done} epochs (max_epochs {max_epochs}); "
+                "raise max_epochs to continue"
+            )
+        if stopper.exhausted:
+            raise CheckpointError(
+                f"{exp_dir}: patience exhausted ({stopper.monitor.bad_epochs} epochs without "
+                f"improvement, patience {patience}); raise patience to continue"
+            )
+        trainer.resumed_from = meta
+    trainer.state.max_epochs = max_epochs
+    if trainer.state.epoch_length is None:
+        trainer.state.epoch_length = max(1, sampler.epoch_length())
+    trainer.run(train_loader, max_epochs=max_epochs)
+    return trainer
+
+
+def restore(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
+    """Load ``<exp>/checkpoint`` into every object of ``checkpoint``; returns its meta."""
+    meta, states = load_checkpoint(checkpoint.exp_dir)
+    if "model" in states:
+        check_model_state(model, states["model"], str(checkpoint.path))
+    checkpoint.restore(states, strict=False)
+    missing = sorted(set(checkpoint.objects) - set(states) - {"comet"})
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: checkpoint has no state for {missing} "
+                              "(was it written with other options?)")
+    return meta

@@ -1,0 +1,168 @@
+"""Crash-safe checkpoints that resume exactly.
+
+``<exp>/checkpoint/`` holds ``meta.json`` (format, position, config), ``state.pt`` (every
+registered object's ``state_dict()``: tensors and plain values only, loaded with
+``torch.load(weights_only=True)``), ``config.json`` and a copy of ``logs/``. It is written as a
+new folder, fsynced, then swapped in by rename (`tractrain.hooks.atomic`); a swap cut short by
+a crash is repaired when the checkpoint is next loaded or written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+from tractrain.data.errors import CheckpointError
+from tractrain.hooks.atomic import atomic_write_dir, repair_dir
+
+FORMAT_NAME = "tractrain-checkpoint"
+FORMAT_VERSION = 1
+
+
+class Checkpoint:
+    """Save ``objects`` (``{name: obj with state_dict/load_state_dict}``) to ``<exp>/checkpoint``.
+
+    Saves after every epoch and, if ``every_iterations`` is set, every that many iterations
+    (mid-epoch). Attach it after the hooks whose state it saves have run for the epoch.
+    """
+
+    def __init__(self, exp_dir, objects: dict, config: dict | None = None,
+                 every_iterations: int | None = None) -> None:
+        self.exp_dir = Path(exp_dir)
+        self.path = self.exp_dir / "checkpoint"
+        self.objects = dict(objects)
+        self.config = config
+        self.every_iterations = every_iterations
+        self.trainer: Engine | None = None
+        self.saves = 0
+
+    def attach(self, trainer: Engine) -> Checkpoint:
+        self.trainer = trainer
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
+        if self.every_iterations:
+            trainer.add_event_handler(
+                Events.ITERATION_COMPLETED(every=self.every_iterations), self._on_iteration
+            )
+        return self
+
+    def _on_epoch(self, trainer: Engine) -> None:
+        self.save(trainer)
+
+    def _on_iteration(self, trainer: Engine) -> None:
+        position = self.objects.get("position")  # an engine.epochs.SamplerEpochs
+        if position is not None and position.done_in_epoch >= (trainer.state.epoch_length or 0):
+            return  # the epoch's last iteration: EPOCH_COMPLETED saves right after
+        self.save(trainer)
+
+    def save(self, trainer: Engine | None = None) -> Path:
+        """Write the checkpoint now (crash-safe). Returns its folder."""
+        trainer = trainer or self.trainer
+        states = {name: obj.state_dict() for name, obj in self.objects.items()}
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tractrain": _version(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "epoch": int(trainer.state.epoch) if trainer else None,
+            "iteration": int(trainer.state.iteration) if trainer else None,
+            "max_epochs": trainer.state.max_epochs if trainer else None,
+            "objects": sorted(states),
+        }
+        if "position" in states:
+            meta["position"] = states["position"]
+        logs = self.exp_dir / "logs"
+
+        def write(folder: Path) -> None:
+            torch.save(states, folder / "state.pt")
+            (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (folder / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            if logs.is_dir():
+                shutil.copytree(logs, folder / "logs")
+
+        atomic_write_dir(self.path, write)
+        self.saves += 1
+        return self.path
+
+    def restore(self, states: dict, strict: bool = True) -> None:
+        """Load saved ``states`` into this hook's objects (all of them when ``strict``)."""
+        missing = sorted(set(self.objects) - set(states))
+        if strict and missing:
+            raise CheckpointError(f"{self.path}: checkpoint has no state for {missing}")
+        for name, obj in self.objects.items():
+            if name in states:
+                obj.load_state_dict(states[name])
+
+
+def _version() -> str:
+    from tractrain import __version__
+
+    return __version__
+
+
+def read_meta(path) -> dict:
+    """``meta.json`` of the checkpoint folder ``path`` (``<exp>`` or ``<exp>/checkpoint``)."""
+    folder = Path(path)
+    if (folder / "checkpoint").is_dir() or not (folder / "meta.json").exists():
+        repair_dir(folder / "checkpoint")
+        folder = folder / "checkpoint" if (folder / "checkpoint").is_dir() else folder
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: not a tractrain checkpoint (no checkpoint/meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{meta_path}: unreadable (not JSON)") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{meta_path}: not a tractrain checkpoint "
+                              f"(format {meta.get('format')!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: checkpoint format version {meta.get('version')!r} "
+                              f"is not supported (this tractrain reads {FORMAT_VERSION})")
+    meta["folder"] = str(folder)
+    return meta
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """``(meta, states)`` of a checkpoint; refuses anything but plain tensors and values."""
+    meta = read_meta(path)
+    state_path = Path(meta["folder"]) / "state.pt"
+    try:
+        states = torch.load(state_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path}: missing (incomplete checkpoint)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{state_path}: refused: not a plain tensor/JSON checkpoint "
+            f"(weights_only load failed: {first[:160]})"
+        ) from None
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{state_path}: expected a dict of states")
+    return meta, states
+
+
+def check_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Raise `CheckpointError` if ``state`` does not fit ``model``'s parameters."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state)
+                    if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"shape of {k}: checkpoint {tuple(state[k].shape)} vs model "
+                         f"{tuple(own[k].shape)}")
+        raise CheckpointError(f"{where}: model parameters don't match the checkpoint ("
+                              + "; ".join(parts) + ")")

@@ -1,0 +1,71 @@
+"""SIGINT/SIGTERM: finish the current iteration, write a checkpoint, stop cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from ignite.engine import Engine, Events
+
+from tractrain.hooks.progress import reraise_if_last
+
+
+class GracefulStop:
+    """On SIGINT or SIGTERM, let the running iteration finish, save ``checkpoint`` (mid-epoch)
+    and terminate the trainer with a message saying how to resume. A second SIGINT aborts at
+    once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived."""
+
+    def __init__(self, checkpoint, resume_hint: str | None = None,
+                 signals=(signal.SIGINT, signal.SIGTERM)) -> None:
+        self.checkpoint = checkpoint
+        self.resume_hint = resume_hint
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def attach(self, trainer: Engine) -> GracefulStop:
+        trainer.add_event_handler(Events.STARTED, self._install)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_stop)
+        trainer.add_event_handler(Events.COMPLETED, self._uninstall)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+        return self
+
+    def _on_exception(self, trainer: Engine, error: BaseException) -> None:
+        self._uninstall(trainer)
+        reraise_if_last(trainer, self._on_exception, error)
+
+    def _install(self, trainer: Engine) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _uninstall(self, trainer: Engine, *args) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing the current iteration, "
+              "then saving a checkpoint (press Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def _maybe_stop(self, trainer: Engine) -> None:
+        if self.received is None:
+            return
+        path = self.checkpoint.save(trainer)
+        hint = f"; resume with: {self.resume_hint}" if self.resume_hint else ""
+        print(f"stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
+              f"checkpoint written to {path}{hint}", file=sys.stderr, flush=True)
+        trainer.state.stopped_by_signal = signal.Signals(self.received).name
+        trainer.terminate()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

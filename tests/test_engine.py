@@ -1,0 +1,280 @@
+"""Engine + default hooks: exact resume (epoch and mid-epoch, 0 and 2 workers), crash-safe
+checkpoints, refusal of bad checkpoints, NaN policy, signals."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tractrain.data.batch import Batch
+from tractrain.data.errors import CheckpointError
+from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
+from tractrain.engine.train import train_and_validate
+from tractrain.engine.trainer import NonFiniteError
+from tractrain.hooks import atomic
+from tractrain.hooks.logs import read_logs
+
+
+def make_index(split, n=(30, 25), seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = tuple(rng.integers(4, 20, size=k).astype(np.int64) for k in n)
+    return SplitIndex(split=split, group="g", subjects=tuple(f"s{i}" for i in range(len(n))),
+                      lengths=lengths, lengths_mm=tuple((x * 0.5).astype(np.float32)
+                                                        for x in lengths))
+
+
+class SyntheticBatches(Dataset):
+    """Deterministic streamlines from ids; per-batch random jitter from the spec's rng."""
+
+    def __init__(self, index, jitter=0.05):
+        self.index, self.jitter = index, jitter
+
+    def __getitem__(self, spec):
+        rng = spec.rng()
+        pts, lens, subs, sids = [], [], [], []
+        for k, (subject, ids) in enumerate(spec.ids):
+            sub = self.index.subjects.index(subject)
+            for i in ids:
+                n = int(self.index.lengths[sub][i])
+                t = np.arange(n, dtype=np.float32)[:, None]
+                angle = 0.1 * (i + 1) + sub
+                p = np.hstack([np.cos(angle) * t, np.sin(angle) * t, 0.2 * np.sin(t)])
+                pts.append(p + rng.normal(0, self.jitter, p.shape))
+                lens.append(n)
+                subs.append(k)
+                sids.append(i)
+        points = torch.tensor(np.concatenate(pts), dtype=torch.float32)
+        inputs = torch.cat([torch.sin(points), torch.cos(points)], 1)
+        return Batch(points=points, lengths=torch.tensor(lens), subjects=torch.tensor(subs),
+                     streamline_ids=torch.tensor(sids),
+                     subject_names=tuple(s for s, _ in spec.ids), inputs=inputs,
+                     epoch=spec.epoch, index=spec.index)
+
+
+def loss_fn(model, batch):
+    """Predict the direction to the next point; cosine loss (the user contract)."""
+    offsets = batch.offsets
+    last = offsets[1:] - 1
+    keep = torch.ones(batch.num_points, dtype=torch.bool)
+    keep[last] = False
+    idx = torch.nonzero(keep).squeeze(1)
+    target = batch.points[idx + 1] - batch.points[idx]
+    pred = model(batch.inputs[idx])
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=1)
+    return (1 - cos).mean(), int(idx.numel())
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(16, 3))
+
+
+def run(exp, max_epochs, resume=False, workers=0, checkpoint_every=None, crash_at=None,
+        patience=None, lr="0.01*2 0.005"):
+    """A complete fresh set-up (as a new process would build it), then train."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    train_index, valid_index = make_index("train"), make_index("valid", (12,), seed=1)
+    sampler = BatchSampler(train_index, SamplerConfig(batch_size=60, units="points"), seed=7)
+    vsampler = BatchSampler(valid_index, SamplerConfig(batch_size=60, units="points"), seed=7,
+                            shuffle=False)
+    kw = dict(batch_size=None, collate_fn=lambda b: b, num_workers=workers,
+              generator=torch.Generator().manual_seed(0))
+    train = DataLoader(SyntheticBatches(train_index), sampler=sampler, **kw)
+    valid = DataLoader(SyntheticBatches(valid_index, jitter=0.0), sampler=vsampler, **kw)
+    user_loss = loss_fn
+    if crash_at is not None:
+        def user_loss(model, batch, _calls=[0]):  # noqa: B006 - counts calls in this run
+            _calls[0] += 1
+            if _calls[0] == crash_at:
+                raise RuntimeError("simulated crash")
+            return loss_fn(model, batch)
+    trainer = train_and_validate(
+        model, optimizer, user_loss, train, valid_loader=valid, exp_dir=exp,
+        max_epochs=max_epochs, lr_schedule=lr, clip_grad_norm=1.0, patience=patience,
+        progress=False, resume=resume, checkpoint_every=checkpoint_every,
+        config={"note": "test"}, model_config={"kind": "mlp"}, handle_signals=False,
+    )
+    return model, optimizer, trainer
+
+
+def assert_same_run(a, b, exp_a, exp_b):
+    (model_a, opt_a, _), (model_b, opt_b, _) = a, b
+    for (ka, va), (kb, vb) in zip(model_a.state_dict().items(), model_b.state_dict().items(),
+                                  strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name]))
+    logs_a, logs_b = read_logs(exp_a), read_logs(exp_b)
+    for name in ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm", "lr"):
+        np.testing.assert_array_equal(logs_a[name], logs_b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("straight") / "exp"
+    return run(exp, 6), exp
+
+
+def test_resume_at_epoch_boundary_is_exact(straight, tmp_path):
+    exp = tmp_path / "exp"
+    run(exp, 3)
+    resumed = run(exp, 6, resume=True)
+    assert len(read_logs(exp)["train_loss"]) == 6
+    assert_same_run(straight[0], resumed, straight[1], exp)
+
+
+def test_resume_mid_epoch_after_crash_is_exact(straight, tmp_path):
+    exp = tmp_path / "exp"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(exp, 6, checkpoint_every=2, crash_at=25)  # dies in the middle of an epoch
+    resumed = run(exp, 6, resume=True, checkpoint_every=2)
+    assert_same_run(straight[0], resumed, straight[1], exp)
+
+
+def test_resume_with_two_workers_is_exact(straight, tmp_path):
+    exp = tmp_path / "exp"
+    run(exp, 3, workers=2)
+    resumed = run(exp, 6, resume=True, workers=2)
+    assert_same_run(straight[0], resumed, straight[1], exp)
+
+
+def test_finished_run_refuses_to_continue_unless_extended(tmp_path):
+    exp = tmp_path / "exp"
+    run(exp, 2)
+    with pytest.raises(CheckpointError, match="already trained 2 epochs"):
+        run(exp, 2, resume=True)
+    run(exp, 3, resume=True)
+    assert len(read_logs(exp)["train_loss"]) == 3
+
+
+def test_crash_between_write_and_rename_then_resume(straight, tmp_path, monkeypatch):
+    exp = tmp_path / "exp"
+    run(exp, 3)
+    real, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        real(src, dst)
+        if str(dst).endswith("checkpoint.old"):  # old moved aside, new not yet in place
+            raise OSError("power cut")
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_die)
+    with pytest.raises(OSError, match="power cut"):
+        run(exp, 4, resume=True)
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert not (exp / "checkpoint").exists()  # the swap was cut in the middle
+    resumed = run(exp, 6, resume=True)  # repaired: the complete epoch-4 checkpoint is used
+    assert_same_run(straight[0], resumed, straight[1], exp)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_refuses_non_checkpoints_malicious_pickles_and_mismatched_models(tmp_path):
+    with pytest.raises(CheckpointError, match="not a tractrain checkpoint"):
+        run(tmp_path / "nothing", 2, resume=True)
+    exp = tmp_path / "exp"
+    run(exp, 1)
+    before = (exp / "checkpoint" / "state.pt").read_bytes()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (exp / "checkpoint" / "state.pt").write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(CheckpointError, match="refused"):
+        run(exp, 2, resume=True)
+    assert not (tmp_path / "pwned").exists()
+    (exp / "checkpoint" / "state.pt").write_bytes(before)
+
+    meta = (exp / "checkpoint" / "meta.json")
+    meta.write_text(meta.read_text().replace('"version": 1', '"version": 99'))
+    with pytest.raises(CheckpointError, match="version 99 is not supported"):
+        run(exp, 2, resume=True)
+    meta.write_text(meta.read_text().replace('"version": 99', '"version": 1'))
+
+    global make_model
+    original = make_model
+    make_model = lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),  # noqa: E731
+                                             torch.nn.Dropout(0.1), torch.nn.Linear(8, 3))
+    try:
+        with pytest.raises(CheckpointError, match="model parameters don't match"):
+            run(exp, 2, resume=True)
+    finally:
+        make_model = original
+    assert (exp / "checkpoint" / "state.pt").read_bytes() == before  # nothing overwritten
+
+
+def test_patience_stops_and_refuses_resume_unless_raised(tmp_path):
+    exp = tmp_path / "exp"
+    _, _, trainer = run(exp, 30, patience=1, lr=1e-9)  # lr ~ 0: no improvement after epoch 1
+    stopped = trainer.state.epoch
+    assert stopped < 30
+    with pytest.raises(CheckpointError, match="patience exhausted"):
+        run(exp, 30, resume=True, patience=1, lr=1e-9)
+    _, _, trainer = run(exp, 30, resume=True, patience=2, lr=1e-9)
+    assert trainer.state.epoch == stopped + 1
+
+
+def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_checkpoint(tmp_path):
+    exp = tmp_path / "exp"
+    run(exp, 1)
+    before = (exp / "checkpoint" / "state.pt").read_bytes()
+
+    def nan_loss(model, batch):
+        loss, n = loss_fn(model, batch)
+        return loss * float("nan"), n
+
+    model = make_model()
+    from tractrain.engine.trainer import create_trainer
+
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nan_loss)
+    sampler = BatchSampler(make_index("train"), SamplerConfig(batch_size=60, units="points"), 7)
+    loader = DataLoader(SyntheticBatches(make_index("train")), sampler=sampler, batch_size=None,
+                        collate_fn=lambda b: b)
+    with pytest.raises(NonFiniteError, match="epoch 1, iteration 1"):
+        trainer.run(loader, max_epochs=1)
+    assert (exp / "checkpoint" / "state.pt").read_bytes() == before
+    skipping = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nan_loss,
+                              nan_policy="skip")
+    sampler.set_epoch(0)
+    skipping.run(loader, max_epochs=1)
+    assert skipping.state.metrics["skipped_batches"] == len(sampler.batches(0))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  make_model().state_dict().values(),
+                                                  strict=True))  # no update was applied
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path):
+    exp = tmp_path / "exp"
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def loss_then_signal(model, batch, _calls=[0]):  # noqa: B006
+        _calls[0] += 1
+        if _calls[0] == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_fn(model, batch)
+
+    index, vindex = make_index("train"), make_index("valid", (12,), seed=1)
+    kw = dict(batch_size=None, collate_fn=lambda b: b, generator=torch.Generator().manual_seed(0))
+    train = DataLoader(SyntheticBatches(index), sampler=BatchSampler(
+        index, SamplerConfig(batch_size=60, units="points"), seed=7), **kw)
+    valid = DataLoader(SyntheticBatches(vindex, jitter=0.0), sampler=BatchSampler(
+        vindex, SamplerConfig(batch_size=60, units="points"), seed=7, shuffle=False), **kw)
+    trainer = train_and_validate(model, optimizer, loss_then_signal, train, valid_loader=valid,
+                                 exp_dir=exp, max_epochs=6, lr_schedule="0.01*2 0.005",
+                                 clip_grad_norm=1.0, progress=False, config={"note": "test"},
+                                 model_config={"kind": "mlp"})
+    assert trainer.state.stopped_by_signal == "SIGTERM" and trainer.state.iteration == 9
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed afterwards
+    resumed = run(exp, 6, resume=True)
+    assert_same_run(straight[0], resumed, straight[1], exp)
