@@ -9,3 +9,12 @@ os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
 os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
 os.environ["COMET_START_ONLINE"] = "false"
 os.environ.pop("COMET_API_KEY", None)
+
+
+@pytest.fixture(scope="session")
+def phantom_store(tmp_path_factory):
+    """A lazily opened store of the default phantom (3 subjects: 1 train, 1 valid, 1 test...)."""
+    from tractrain.data.phantom import demo_store
+
+    return demo_store(tmp_path_factory.mktemp("phantom"), n_subjects=4,
+                      streamlines_per_subject=200, seed=3)
