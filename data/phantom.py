@@ -1,7 +1,8 @@
 """Deterministic synthetic diffusion-MRI subjects (a phantom) and their store-builder config.
 
 Each subject folder holds ``dwi.nii.gz`` (b0-normalised diffusion signal or its SH fit),
-``mask.nii.gz`` (white matter: voxels the bundles cross, dilated by one) and ``bundles.trk``
+``mask.nii.gz`` (white matter: voxels the bundles cross, dilated by one voxel,
+6-connected) and ``bundles.trk``
 (ground-truth streamlines in RAS+ mm, one ``bundle`` value per streamline). Bundles are cubic
 Bezier tubes sampled at ``step_mm``; the signal follows dipy's multi-tensor model from the local
 fibre orientation(s), simulated once per distinct (quantised) orientation configuration.
@@ -14,7 +15,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,20 +191,31 @@ def _bundle_streamlines(
     return np.concatenate(all_points), np.concatenate(all_lengths)
 
 
-def _subject_streamlines(
-    templates: list[dict], shape, affine, n_streamlines: int, step_mm: float, rng
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All streamlines of a subject: flat RAS mm points, lengths, bundle index per streamline."""
-    vs = affine[0, 0]
+MIN_BUNDLE_BOX_MM = 4.0  # the bundles' box (volume minus margins) must be this wide per axis
+
+
+def _bundle_box(shape, affine, step_mm: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(lo, hi) corners in mm of the box that holds the bundle centre lines, and the bundle
+    radius; raises ConfigError when the volume is too small."""
+    vs = float(affine[0, 0])
     extent = (np.asarray(shape) - 1) * vs
     radius = float(min(3.0, 0.08 * extent.min()))
     margin = radius + 2 * JITTER_FRACTION * step_mm + 0.25 * vs
     lo, hi = affine[:3, 3] + margin, affine[:3, 3] + extent - margin
-    if np.any(hi - lo < 4 * radius):
+    need = max(4 * radius, MIN_BUNDLE_BOX_MM)
+    if np.any(hi - lo < need):
         raise ConfigError(
-            f"shape {tuple(shape)} with voxel_size {vs} is too small for phantom bundles "
-            f"(need at least {int(np.ceil((2 * margin + 4 * radius) / vs)) + 1} voxels per axis)"
+            f"shape: {tuple(shape)} x {vs} mm voxels is too small for phantom bundles "
+            f"(each axis needs (n - 1) * voxel_size >= {need + 2 * margin:.1f} mm)"
         )
+    return lo, hi, radius
+
+
+def _subject_streamlines(
+    templates: list[dict], shape, affine, n_streamlines: int, step_mm: float, rng
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All streamlines of a subject: flat RAS mm points, lengths, bundle index per streamline."""
+    lo, hi, radius = _bundle_box(shape, affine, step_mm)
     per_bundle = np.full(len(templates), n_streamlines // len(templates))
     per_bundle[: n_streamlines % len(templates)] += 1
     points, lengths, bundle = [], [], []
@@ -489,6 +500,7 @@ def make_phantom(
     subjects = [f"sub-{i:0{width}d}" for i in range(n_subjects)]
     split = default_splits(subjects) if splits is None else _check_splits(splits, subjects)
     affine = phantom_affine(shape, float(voxel_size))
+    _bundle_box(shape, affine, float(step_mm))  # fail before writing anything
     templates = _bundle_templates(int(seed), n_bundles)
     summary: dict = {"outdir": str(outdir), "config": str(outdir / "config.json"),
                      "subjects": subjects, "splits": split, "features": features,
@@ -543,12 +555,13 @@ def demo_store(cache_dir: str | os.PathLike, **phantom_kwargs):
     from tractrain.data.store import open_store
 
     text = json.dumps(phantom_kwargs, sort_keys=True, default=str)
-    key = re.sub(r"[^0-9a-f]", "", hashlib.sha256(text.encode()).hexdigest())[:12]
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     root = Path(cache_dir) / f"phantom-{key}"
     store_path = Path(cache_dir) / f"store-{key}.zarr"
-    if not is_complete(root):
+    rebuilt = not is_complete(root)
+    if rebuilt:
         make_phantom(root, overwrite=True, **phantom_kwargs)
-    if not store_path.exists():
+    if rebuilt or not store_path.exists():
         config = json.loads((root / "config.json").read_text())
         build_store(config, store_path, root, force=True, progress=False)
     return open_store(store_path)
