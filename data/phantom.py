@@ -1,11 +1,11 @@
 """Deterministic synthetic diffusion-MRI subjects (a phantom) and their store-builder config.
 
 Each subject folder holds ``dwi.nii.gz`` (b0-normalised diffusion signal or its SH fit),
-``mask.nii.gz`` (white matter: voxels the bundles cross, dilated by one voxel,
-6-connected) and ``bundles.trk``
-(ground-truth streamlines in RAS+ mm, one ``bundle`` value per streamline). Bundles are cubic
-Bezier tubes sampled at ``step_mm``; the signal follows dipy's multi-tensor model from the local
-fibre orientation(s), simulated once per distinct (quantised) orientation configuration.
+``mask.nii.gz`` (white matter: voxels the bundles cross, dilated by one voxel, 6-connected) and
+``bundles.trk`` (ground-truth streamlines in RAS+ mm, one ``bundle`` value per streamline).
+Bundles are cubic Bezier tubes sampled at ``step_mm``; the signal follows dipy's multi-tensor
+model from the local fibre orientation(s) (two where bundles cross), simulated once per distinct
+quantised orientation configuration and looked up per voxel.
 """
 
 from __future__ import annotations
