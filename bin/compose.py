@@ -1,0 +1,182 @@
+"""Turn a resolved option dict (see `tractrain.bin.options`) into a training run.
+
+This is all `tractrain-train` and `tractrain-resume` do beyond parsing: open the store, build
+samplers and loaders, import the user's model and loss, then call `train_and_validate`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+from tractrain.data.augment import AugmentConfig
+from tractrain.data.errors import ConfigError
+from tractrain.data.feeding import make_dataloader
+from tractrain.data.interpolation import InputConfig, num_input_features
+from tractrain.data.loader import DeviceInputs
+from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
+from tractrain.data.store import open_store
+from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
+from tractrain.engine.train import train_and_validate
+
+# The demo dataset: 4 phantom subjects (2 train, 1 valid, 1 test), built in a few seconds.
+DEMO_PHANTOM = {"n_subjects": 4, "streamlines_per_subject": 300, "seed": 0}
+
+
+def import_object(spec: str, option: str):
+    """The callable named by ``package.module:name``; one-line ConfigError otherwise."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConfigError(f"--{option} {spec!r}: expected package.module:name")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"--{option} {spec!r}: cannot import {module_name!r} ({err})") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ConfigError(f"--{option} {spec!r}: module {module_name!r} has no {attr!r}")
+    if not callable(obj):
+        raise ConfigError(f"--{option} {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tractrain"
+
+
+def open_run_store(config: dict):
+    """The configured store, or the demo phantom's (built and cached on first use)."""
+    lazy, budget = bool(config["lazy"]), int(config["cache_gb"] * 2**30)
+    if config["store"] is None:
+        from tractrain.data.phantom import demo_store
+
+        cache = Path(config["cache_dir"]) if config["cache_dir"] else default_cache_dir()
+        print(f"demo: phantom store cached under {cache}", flush=True)
+        store = demo_store(cache, **DEMO_PHANTOM)
+        return open_store(store.path, lazy=lazy, cache_bytes=budget)
+    path = Path(config["store"])
+    if not path.exists():
+        raise ConfigError(f"--store {path}: no such store")
+    return open_store(path, lazy=lazy, cache_bytes=budget)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def check_options(config: dict) -> None:
+    """Validate option values that no component checks by itself."""
+    if config["max_epochs"] is None or config["max_epochs"] < 1:
+        raise ConfigError(f"max_epochs: expected >= 1, got {config['max_epochs']}")
+    parse_lr_schedule(config["lr"])
+    lr_for_epoch(config["lr"], 1)
+
+
+def run_training(config: dict, exp_dir: Path, resume: bool = False):
+    """Build everything from ``config`` and train (or resume) in ``exp_dir``."""
+    check_options(config)
+    model_factory = import_object(config["model"], "model")
+    loss_fn = import_object(config["loss"], "loss")
+    store = open_run_store(config)
+    group = config["group"]
+    if group not in store.streamline_groups:
+        raise ConfigError(f"--group {group!r}: the store has streamline groups "
+                          f"{sorted(store.streamline_groups)}")
+    if config["volume_group"] not in store.volume_groups:
+        raise ConfigError(f"--volume-group {config['volume_group']!r}: the store has volume "
+                          f"groups {sorted(store.volume_groups)}")
+    sampling = {"batch_size": config["batch_size"], "units": config["batch_units"],
+                "subjects_per_batch": config["subjects_per_batch"], "cycles": config["cycles"]}
+    train_sampler = BatchSampler(
+        split_index(store, "train", group),
+        SamplerConfig(**sampling, max_batches=config["max_batches_train"]), seed=config["seed"])
+    augment = AugmentConfig(step_size=config["step_size"], compress=config["compress"],
+                            split_ratio=config["split_ratio"],
+                            reverse_ratio=config["reverse_ratio"], noise_mm=config["noise_mm"],
+                            noise_truncation=config["noise_truncation"])
+    neighborhood = config["neighborhood"]
+    inputs = InputConfig(config["volume_group"],
+                         neighborhood=None if neighborhood in (None, "none") else neighborhood,
+                         radius_mm=config["radius_mm"], resolution_mm=config["resolution_mm"],
+                         outside=config["outside"])
+    feeding = {"group": group, "inputs": inputs, "num_workers": config["num_workers"],
+               "interpolate": config["interpolate"],
+               "persistent_workers": config["num_workers"] > 0}
+    train_loader = make_dataloader(store, train_sampler, augment=augment, **feeding)
+    valid_loader = None
+    if store.splits.get("valid"):
+        valid_sampler = BatchSampler(
+            split_index(store, "valid", group),
+            SamplerConfig(**sampling, max_batches=config["max_batches_valid"]),
+            seed=config["seed"], shuffle=False)
+        valid_loader = make_dataloader(store, valid_sampler, augment=augment.deterministic(),
+                                       **feeding)
+    first = store.splits["train"][0]
+    n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
+                                  inputs, store.volume_info(first, inputs.volume_group)
+                                  ["voxel_sizes"])
+    model_config = {**(config["model_config"] or {}), "n_inputs": n_inputs}
+    device = resolve_device(config["device"])
+    torch.manual_seed(config["torch_seed"])
+    model = model_factory(model_config)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"--model {config['model']!r}: returned {type(model).__name__}, "
+                          "expected a torch.nn.Module")
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), config["optimizer"],
+                               lr=lr_for_epoch(config["lr"], 1),
+                               weight_decay=config["weight_decay"])
+    comet = None
+    if config["comet"]:
+        comet = {"project_name": config["comet_project"], "workspace": config["comet_workspace"],
+                 "experiment_name": config["name"]}
+    prepare = DeviceInputs(store, group, inputs) if config["interpolate"] == "device" else None
+    return train_and_validate(
+        model, optimizer, loss_fn, train_loader, valid_loader=valid_loader, exp_dir=exp_dir,
+        max_epochs=config["max_epochs"], device=device, amp=config["amp"],
+        clip_grad_norm=config["clip_grad_norm"], lr_schedule=config["lr"],
+        nan_policy=config["nan_policy"], patience=config["patience"],
+        min_delta=config["min_delta"], monitor=config["monitor"], config=config,
+        model_config={**model_config, "factory": config["model"]}, comet=comet,
+        progress=config["progress"], checkpoint_every=config["checkpoint_every"],
+        resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
+    )
+
+
+def write_plot(exp_dir: Path) -> Path | None:
+    """``<exp>/logs/plot.png`` of the run's logs (None if there are no logs yet)."""
+    from tractrain.bin.plot_logs import plot_logs
+
+    if not (exp_dir / "logs").is_dir():
+        return None
+    figure = plot_logs([exp_dir])
+    out = exp_dir / "logs" / "plot.png"
+    figure.savefig(out, dpi=100)
+    return out
+
+
+def summary(trainer, exp_dir: Path, plot: Path | None) -> str:
+    metrics = trainer.state.metrics
+    lines = [f"done: {trainer.state.epoch} epochs, train_loss {metrics.get('train_loss', 0):.4f}"
+             + (f", valid_loss {metrics['valid_loss']:.4f}" if "valid_loss" in metrics else "")]
+    best = getattr(trainer.state, "best_epoch", None)
+    if best:
+        lines.append(f"best epoch {best['epoch']}: {best['metric']} {best['value']:.4f}")
+    lines += [f"checkpoint: {exp_dir / 'checkpoint'}", f"best model: {exp_dir / 'best_model'}",
+              f"logs:       {exp_dir / 'logs'}"]
+    if plot is not None:
+        lines.append(f"plot:       {plot}")
+    lines.append(f"resume or extend with: tractrain-resume {exp_dir} --max-epochs N")
+    return "\n".join(lines)

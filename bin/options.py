@@ -1,0 +1,188 @@
+"""Every option of ``tractrain-train``: default, type and help, in one table.
+
+A config file (YAML or JSON) and the command-line flags use the same names (``batch_size`` in
+a file is ``--batch-size`` on the command line); flags win over the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tractrain.bin.common import suggest
+from tractrain.data.errors import ConfigError
+
+DEMO_MODEL = "tractrain.examples.next_direction:make_model"
+DEMO_LOSS = "tractrain.examples.next_direction:loss_fn"
+
+# name: (default, type, help). type None = free-form (dict) from the config file only.
+OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    # experiment
+    "name": ("demo", str, "experiment name: folder <experiments>/<name>"),
+    "experiments": ("experiments", str, "parent folder of experiment folders"),
+    "store": (None, str, "tractrain store (.zarr); default: the demo phantom, built and cached"),
+    "group": ("bundles", str, "streamline group of the store to train on"),
+    "cache_dir": (None, str, "where the demo phantom store is cached "
+                             "(default: $XDG_CACHE_HOME/tractrain or ~/.cache/tractrain)"),
+    "model": (DEMO_MODEL, str, "package.module:factory building the model from model_config "
+                               "(n_inputs is added: input features per point)"),
+    "loss": (DEMO_LOSS, str, "package.module:function, loss_fn(model, batch) -> (mean_loss, n)"),
+    "model_config": ({"hidden_size": 64}, None, "dict passed to the model factory "
+                                                "(config file only)"),
+    "seed": (1234, int, "seed of the samplers and augmentations"),
+    "torch_seed": (0, int, "torch.manual_seed before building the model"),
+    "max_epochs": (8, int, "number of epochs"),
+    # sampler
+    "batch_size": (4000.0, float, "batch budget, in batch_units"),
+    "batch_units": ("points", str, "streamlines | points | length_mm"),
+    "subjects_per_batch": (None, int, "subjects per batch (default: all)"),
+    "cycles": (1, int, "batches drawn from the same subjects before changing them"),
+    "max_batches_train": (None, int, "cap on training batches per epoch"),
+    "max_batches_valid": (None, int, "cap on validation batches per epoch"),
+    # loader
+    "step_size": (1.0, float, "resample streamlines to this step (mm); none to keep"),
+    "compress": (None, float, "compress streamlines with this tolerance (mm) instead"),
+    "split_ratio": (0.0, float, "ratio of training streamlines split at a random point"),
+    "reverse_ratio": (0.0, float, "ratio of training streamlines reversed"),
+    "noise_mm": (0.0, float, "std of gaussian noise on training coordinates (mm)"),
+    "noise_truncation": (2.0, float, "noise truncated at this many stds"),
+    "volume_group": ("dwi", str, "volume group interpolated as inputs"),
+    "neighborhood": (None, str, "none | axes | grid: also sample around each point"),
+    "radius_mm": (0.0, float, "neighbourhood radius (mm)"),
+    "resolution_mm": (None, float, "neighbourhood spacing (mm), default: radius"),
+    "outside": ("zeros", str, "points outside the volume: zeros | clamp"),
+    "interpolate": ("workers", str, "interpolate inputs in the DataLoader workers (CPU) or on "
+                                    "the training device: workers | device"),
+    "num_workers": (0, int, "DataLoader worker processes"),
+    "lazy": (True, bool, "read volumes on demand (byte-budget cache) instead of up front"),
+    "cache_gb": (2.0, float, "lazy volume cache budget (GiB)"),
+    # optimisation
+    "optimizer": ("adam", str, "adam | adamw | sgd | radam"),
+    "lr": ("0.003*4 0.001", str, "learning rate or per-epoch schedule, e.g. '1e-3*3 1e-4'"),
+    "weight_decay": (0.0, float, "weight decay"),
+    "clip_grad_norm": (None, float, "clip the total gradient norm to this value"),
+    "nan_policy": ("stop", str, "non-finite loss or gradient: stop | skip"),
+    "patience": (None, int, "stop after this many epochs without improvement"),
+    "min_delta": (0.0, float, "smallest decrease that counts as an improvement"),
+    "monitor": (None, str, "metric for best model/patience (default: valid_loss, else "
+                           "train_loss)"),
+    "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
+    "amp": (False, bool, "automatic mixed precision (CUDA only)"),
+    "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
+    "comet": (False, bool, "report to Comet (online with an API key, else offline under "
+                           "<exp>/comet)"),
+    "comet_project": ("tractrain", str, "Comet project name"),
+    "comet_workspace": (None, str, "Comet workspace"),
+    "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
+}
+
+SECTIONS = {
+    "experiment": ("name", "experiments", "store", "group", "cache_dir", "model", "loss",
+                   "seed", "torch_seed", "max_epochs"),
+    "sampler": ("batch_size", "batch_units", "subjects_per_batch", "cycles",
+                "max_batches_train", "max_batches_valid"),
+    "loader": ("step_size", "compress", "split_ratio", "reverse_ratio", "noise_mm",
+               "noise_truncation", "volume_group", "neighborhood", "radius_mm", "resolution_mm",
+               "outside", "interpolate", "num_workers", "lazy", "cache_gb"),
+    "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
+                               "nan_policy", "patience", "min_delta", "monitor", "device", "amp",
+                               "checkpoint_every", "comet", "comet_project", "comet_workspace",
+                               "progress"),
+}
+
+NONE_WORDS = ("none", "null", "")
+
+
+def defaults() -> dict:
+    return {name: (json.loads(json.dumps(d)) if isinstance(d, dict) else d)
+            for name, (d, _, _) in OPTIONS.items()}
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def convert(name: str, value: Any, where: str) -> Any:
+    """``value`` converted to option ``name``'s type; ConfigError naming ``where`` if not."""
+    if name not in OPTIONS:
+        raise ConfigError(f"{where}: unknown option {name!r}{suggest(name, OPTIONS)}")
+    default, kind, _ = OPTIONS[name]
+    if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS
+                         and kind is not str):
+        return None
+    if kind is None:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
+        return value
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else parse_bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value}")
+        if isinstance(value, str) and kind is str and value.strip().lower() in ("none", "null"):
+            return None if default is None else value
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {name}: {err}") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Options from a YAML or JSON file (flat mapping, or grouped by the sections' names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # json and yaml raise different types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'} "
+                          f"({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    flat: dict = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return {key: convert(key, value, str(path)) for key, value in flat.items()}
+
+
+def add_option_flags(parser) -> None:
+    """One ``--flag`` per option (default None: 'not given'), grouped by section."""
+    for section, names in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for name in names:
+            default, kind, text = OPTIONS[name]
+            flag = "--" + name.replace("_", "-")
+            shown = "none" if default is None else default
+            group.add_argument(flag, dest=name, default=None, metavar=_metavar(kind),
+                               help=f"{text} (default: {shown})")
+
+
+def _metavar(kind) -> str:
+    return {int: "N", float: "X", bool: "BOOL", str: "TEXT"}.get(kind, "VALUE")
+
+
+def resolve(file_options: dict, flags: dict) -> dict:
+    """Defaults, then the config file, then the flags given on the command line."""
+    config = defaults()
+    config.update(file_options)
+    for name, value in flags.items():
+        if value is not None and name in OPTIONS:
+            config[name] = convert(name, value, "--" + name.replace("_", "-"))
+    return config

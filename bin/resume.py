@@ -1,0 +1,81 @@
+"""``tractrain-resume EXPERIMENT``: continue a run exactly where its checkpoint left it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.options import convert
+from tractrain.data.errors import CheckpointError
+from tractrain.hooks.atomic import atomic_write_json
+
+OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
+
+
+def make_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="tractrain-resume",
+        description="Continue training from EXPERIMENT/checkpoint (model, optimizer, sampler "
+        "position, RNG and every hook's state are restored, so the result is the same as an "
+        "uninterrupted run). A run that reached max_epochs or its patience continues only if "
+        "the limit is raised.",
+    )
+    parser.add_argument("experiment", help="experiment folder written by tractrain-train")
+    parser.add_argument("--max-epochs", dest="max_epochs", metavar="N",
+                        help="new total number of epochs (extends a finished run)")
+    parser.add_argument("--patience", metavar="N", help="new patience (extends a stopped run)")
+    parser.add_argument("--store", metavar="PATH", help="the store, if it moved")
+    parser.add_argument("--num-workers", dest="num_workers", metavar="N",
+                        help="DataLoader workers (does not change the batches)")
+    parser.add_argument("--device", metavar="DEV", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--progress", metavar="BOOL", help="progress bars on/off")
+    return parser
+
+
+def load_experiment_config(exp_dir: Path) -> dict:
+    path = exp_dir / "config.json"
+    if not exp_dir.is_dir():
+        raise CheckpointError(f"{exp_dir}: no such experiment folder")
+    if not path.is_file():
+        raise CheckpointError(f"{exp_dir}: not a tractrain experiment (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: unreadable (not JSON)") from None
+
+
+def resume(args: argparse.Namespace) -> int:
+    from tractrain.bin.compose import run_training
+    from tractrain.bin.train import EXIT_FAILED, finish
+    from tractrain.engine.trainer import NonFiniteError
+    from tractrain.hooks.checkpoint import read_meta
+
+    exp_dir = Path(args.experiment)
+    config = load_experiment_config(exp_dir)
+    read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
+    for name in OVERRIDES:
+        value = getattr(args, name)
+        if value is not None:
+            config[name] = convert(name, value, "--" + name.replace("_", "-"))
+    try:
+        trainer = run_training(config, exp_dir, resume=True)
+    except NonFiniteError as err:
+        if args.debug:
+            raise
+        print(f"tractrain-resume: stopped: {err}; last good checkpoint kept in "
+              f"{exp_dir / 'checkpoint'}", file=sys.stderr)
+        return EXIT_FAILED
+    atomic_write_json(exp_dir / "config.json", config)  # the extended limits, for next time
+    return finish(trainer, exp_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return run(resume, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

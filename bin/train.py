@@ -1,0 +1,106 @@
+"""``tractrain-train [CONFIG] [--option VALUE ...]``: train a model; no arguments = the demo.
+
+With no arguments it builds (once, cached) the demo phantom store and trains the example GRU
+of `tractrain.examples.next_direction` for a few epochs with validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
+from tractrain.hooks.atomic import atomic_write_json
+
+EXIT_FAILED = 1
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def make_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="tractrain-train",
+        description="Train a model on a tractrain store, with checkpoints, best model, "
+        "patience, logs, plots and optional Comet. With no arguments, trains the demo model "
+        "on the built-in phantom. Options come from CONFIG (YAML or JSON, same names with "
+        "underscores) and are overridden by flags.",
+        epilog="Sections: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SECTIONS.items()),
+    )
+    parser.add_argument("config", nargs="?", help="YAML or JSON config file")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing experiment folder of the same name")
+    add_option_flags(parser)
+    return parser
+
+
+def prepare_experiment(config: dict, force: bool) -> Path:
+    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one."""
+    exp_dir = Path(config["experiments"]) / config["name"]
+    if exp_dir.exists():
+        if not force:
+            raise FileExistsError(
+                f"{exp_dir}: experiment exists; continue it with 'tractrain-resume {exp_dir}' "
+                "or start over with --force"
+            )
+        shutil.rmtree(exp_dir)
+    exp_dir.mkdir(parents=True)
+    atomic_write_json(exp_dir / "config.json", config)
+    return exp_dir
+
+
+def finish(trainer, exp_dir: Path) -> int:
+    """Plot, print where everything is, and return the exit status."""
+    from tractrain.bin.compose import summary, write_plot
+
+    plot = write_plot(exp_dir)
+    print(summary(trainer, exp_dir, plot), flush=True)
+    stopped = getattr(trainer.state, "stopped_by_signal", None)
+    return SIGNAL_EXIT.get(stopped, 0) if stopped else 0
+
+
+def preflight(config: dict) -> None:
+    """Check what can be checked before creating the experiment folder."""
+    from tractrain.bin.compose import check_options, import_object, resolve_device
+
+    check_options(config)
+    import_object(config["model"], "model")
+    import_object(config["loss"], "loss")
+    resolve_device(config["device"])
+    if config["store"] is not None and not Path(config["store"]).exists():
+        raise FileNotFoundError(f"--store {config['store']}: no such store")
+
+
+def train(args: argparse.Namespace) -> int:
+    from tractrain.bin.compose import run_training
+    from tractrain.engine.trainer import NonFiniteError
+
+    file_options = read_config_file(args.config) if args.config else {}
+    config = resolve(file_options, vars(args))
+    preflight(config)
+    exp_dir = prepare_experiment(config, args.force)
+    print(f"experiment: {exp_dir}  (config: {exp_dir / 'config.json'})", flush=True)
+    try:
+        try:
+            trainer = run_training(config, exp_dir)
+        except BaseException:
+            if {p.name for p in exp_dir.iterdir()} <= {"config.json"}:
+                shutil.rmtree(exp_dir)  # failed before training started: leave nothing
+            raise
+    except NonFiniteError as err:
+        if args.debug:
+            raise
+        print(f"tractrain-train: stopped: {err}; last good checkpoint kept in "
+              f"{exp_dir / 'checkpoint'}", file=sys.stderr)
+        return EXIT_FAILED
+    return finish(trainer, exp_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return run(train, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
