@@ -146,31 +146,43 @@ def neighborhood_offsets(
     return (steps * resolution / sizes).to(torch.float32)
 
 
-def _outer8(pair: torch.Tensor, op) -> torch.Tensor:
-    """(M, 2, 3) per-axis values for corner bits 0/1 -> (M, 8) combined with ``op``, C order."""
+def _outer8(pair: torch.Tensor, op, corner_major: bool) -> torch.Tensor:
+    """(M, 2, 3) per-axis values for corner bits 0/1 -> the 8 corners combined with ``op``.
+
+    Corners in C order over the (x, y, z) bits; (8, M) if ``corner_major`` else (M, 8).
+    """
     m = pair.shape[0]
-    x = pair[:, :, 0].view(m, 2, 1, 1)
-    y = pair[:, :, 1].view(m, 1, 2, 1)
-    z = pair[:, :, 2].view(m, 1, 1, 2)
-    return op(op(x, y), z).reshape(m, 8)
+    if corner_major:
+        axes = pair.permute(2, 1, 0)  # (3, 2, M)
+        x, y, z = axes[0].view(2, 1, 1, m), axes[1].view(1, 2, 1, m), axes[2].view(1, 1, 2, m)
+        return op(op(x, y), z).reshape(8, m)
+    x, y, z = pair[:, :, 0].view(m, 2, 1, 1), pair[:, :, 1].view(m, 1, 2, 1), pair[:, :, 2]
+    return op(op(x, y), z.view(m, 1, 1, 2)).reshape(m, 8)
 
 
-def _corner_index(lo: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def _corner_major(device: torch.device) -> bool:
+    """Gather layout: corner-major on CPU (then 8 contiguous ``addcmul_``: measured ~2x faster
+    than ``bmm``), point-major elsewhere (then one ``bmm`` of (M, 1, 8) x (M, 8, F))."""
+    return device.type == "cpu"
+
+
+def _corner_index(lo: torch.Tensor, shape: Sequence[int], corner_major: bool) -> torch.Tensor:
     """(M * 8,) int64 linear indices of the corners ``lo + {0, 1}^3``, clamped into the grid."""
     maxi = torch.tensor(shape, dtype=torch.int64, device=lo.device) - 1
     strides = torch.tensor([shape[1] * shape[2], shape[2], 1], dtype=torch.int64, device=lo.device)
     pair = torch.stack([lo, lo + 1], dim=1)  # (M, 2, 3): [corner bit, axis]
     pair = torch.minimum(pair.clamp(min=0), maxi) * strides
-    return _outer8(pair, torch.add).reshape(-1)
+    return _outer8(pair, torch.add, corner_major).reshape(-1)
 
 
 def _corners(
-    points: torch.Tensor, shape: Sequence[int], outside: str
+    points: torch.Tensor, shape: Sequence[int], outside: str, corner_major: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear indices (M * 8,) int64 of the 8 corner voxels and their weights (M, 8) float32.
+    """Linear indices (M * 8,) int64 of the 8 corner voxels and their float32 weights.
 
-    Corner order is C order over (x, y, z) offsets in {0, 1}. Indices are always valid (clamped
-    into the grid); corners outside the grid get weight 0 under ``"zeros"``.
+    Corners are in C order over the (x, y, z) bits; indices and weights are (8, M)-ordered if
+    ``corner_major`` else (M, 8)-ordered. Indices are always valid (clamped into the grid);
+    corners outside the grid get weight 0 under ``"zeros"``.
     """
     if outside not in OUTSIDE:
         raise ConfigError(f"outside: expected 'zeros' or 'clamp', got {outside!r}")
@@ -186,7 +198,7 @@ def _corners(
         maxi = torch.tensor(shape, dtype=torch.int64, device=p.device) - 1
         corner = torch.stack([lo, lo + 1], dim=1)
         w = w * ((corner >= 0) & (corner <= maxi))
-    return _corner_index(lo, shape), _outer8(w, torch.mul)
+    return _corner_index(lo, shape, corner_major), _outer8(w, torch.mul, corner_major)
 
 
 def _check(volume: torch.Tensor, points: torch.Tensor) -> None:
@@ -214,25 +226,34 @@ def interpolate(volume: torch.Tensor, points: torch.Tensor, outside: str = "zero
     """
     _check(volume, points)
     m, f = points.shape[0], volume.shape[3]
-    index, weights = _corners(points, volume.shape[:3], outside)
+    corner_major = _corner_major(volume.device)
+    index, weights = _corners(points, volume.shape[:3], outside, corner_major)
     flat = _flat(volume)
     if flat.dtype != torch.float32 and flat.device.type == "cpu" and 8 * m > flat.shape[0]:
         # CPU half->float conversion is slow: convert the (smaller) volume once instead of the
         # gathered rows; the values are identical (the conversion is exact).
         flat = flat.to(torch.float32)
     gathered = flat.index_select(0, index).to(torch.float32)
-    # bmm measured ~1.4x faster than einsum and ~3.5x faster than (g * w).sum(1) on CPU
-    return torch.bmm(weights.view(m, 1, 8), gathered.view(m, 8, f)).view(m, f)
+    if not corner_major:
+        return torch.bmm(weights.view(m, 1, 8), gathered.view(m, 8, f)).view(m, f)
+    gathered = gathered.view(8, m, f)
+    out = gathered[0] * weights[0].unsqueeze(1)
+    for k in range(1, 8):  # over the 8 corners, each a contiguous (M, F) block
+        out.addcmul_(gathered[k], weights[k].unsqueeze(1))
+    return out
 
 
 def bare_gather(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Benchmark baseline: index_select of the 8 corner voxels of every point, no weights.
 
-    Returns (M * 8, F) in the volume's dtype; the memory-bound limit for :func:`interpolate`.
+    Returns (M * 8, F) in the volume's dtype, rows in the order :func:`interpolate` gathers them
+    (corner-major on CPU: row ``k * M + m`` is corner ``k`` of point ``m``; point-major
+    elsewhere); the memory-bound limit for :func:`interpolate`.
     """
     _check(volume, points)
     lo = torch.floor(points.to(torch.float32)).to(torch.int64)
-    return _flat(volume).index_select(0, _corner_index(lo, volume.shape[:3]))
+    index = _corner_index(lo, volume.shape[:3], _corner_major(volume.device))
+    return _flat(volume).index_select(0, index)
 
 
 def num_input_features(
