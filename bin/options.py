@@ -28,8 +28,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "model": (DEMO_MODEL, str, "package.module:factory building the model from model_config "
                                "(n_inputs is added: input features per point)"),
     "loss": (DEMO_LOSS, str, "package.module:function, loss_fn(model, batch) -> (mean_loss, n)"),
-    "model_config": ({"hidden_size": 64}, None, "dict passed to the model factory "
-                                                "(config file only)"),
+    "model_config": ({"hidden_size": 64}, None, "dict passed to the model factory (JSON on "
+                                                "the command line)"),
     "seed": (1234, int, "seed of the samplers and augmentations"),
     "torch_seed": (0, int, "torch.manual_seed before building the model"),
     "max_epochs": (8, int, "number of epochs"),
@@ -79,7 +79,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
 
 SECTIONS = {
     "experiment": ("name", "experiments", "store", "group", "cache_dir", "model", "loss",
-                   "seed", "torch_seed", "max_epochs"),
+                   "model_config", "seed", "torch_seed", "max_epochs"),
     "sampler": ("batch_size", "batch_units", "subjects_per_batch", "cycles",
                 "max_batches_train", "max_batches_valid"),
     "loader": ("step_size", "compress", "split_ratio", "reverse_ratio", "noise_mm",
@@ -117,6 +117,11 @@ def convert(name: str, value: Any, where: str) -> Any:
                          and kind is not str):
         return None
     if kind is None:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: {name}: not valid JSON ({err.msg})") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
         return value
