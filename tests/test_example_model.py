@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from examples.next_direction import loss_fn, make_model
 from tractrain.data.batch import Batch
 from tractrain.data.errors import ConfigError
+from tractrain.examples.next_direction import loss_fn, make_model
 
 N_FEATURES = 4
 
