@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events, State
 
 from tractrain.data.errors import ConfigError
+from tractrain.engine.distributed import all_reduce_sum
 
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int | torch.Tensor]]
 NAN_POLICIES = ("stop", "skip")
@@ -63,6 +64,12 @@ class EpochMean:
 
     def compute(self) -> float:
         return self.total / self.count if self.count else math.nan
+
+    def compute_global(self) -> float:
+        """The mean over every rank of a distributed run (all_reduce of the sums; the same as
+        `compute` with one process). Every rank must call it."""
+        total, count = all_reduce_sum([self.total, self.count])
+        return total / count if count else math.nan
 
     def state_dict(self) -> dict:
         return {"total": self.total, "count": self.count, "skipped": self.skipped}
@@ -124,27 +131,32 @@ def create_trainer(
         with autocast:
             loss, n = loss_fn(model, batch)
         n = float(n)
-        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        if not torch.isfinite(loss.detach()):
-            return _non_finite(f"non-finite loss ({loss.item()}) at {where}")
+        # One host sync per value: each Python float serves both the finiteness check and
+        # what follows (the epoch mean, the clipping factor).
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            return _non_finite(engine, f"non-finite loss ({loss_value})")
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         unclipped = _grad_norm(params)
-        if not torch.isfinite(unclipped):
-            return _non_finite(f"non-finite gradient norm at {where}")
+        norm = float(unclipped)
+        if not math.isfinite(norm):
+            return _non_finite(engine, "non-finite gradient norm")
+        clipped = unclipped
         if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            clipped = unclipped * torch.clamp(clip_grad_norm / (unclipped + 1e-6), max=1.0)
-        else:
-            clipped = unclipped
+            # Same as clip_grad_norm_(params, clip_grad_norm) without computing the norm again.
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, unclipped)
+            factor = clip_grad_norm / (norm + 1e-6)  # the factor the gradients were scaled by
+            if factor < 1.0:
+                clipped = unclipped * factor
         scaler.step(optimizer)
         scaler.update()
-        loss_value = loss.detach()
-        mean.update(float(loss_value), n)
-        return {"loss": loss_value, "n": n, "grad_norm": clipped.detach(),
+        mean.update(loss_value, n)
+        return {"loss": loss.detach(), "n": n, "grad_norm": clipped.detach(),
                 "unclipped_grad_norm": unclipped.detach()}
 
-    def _non_finite(message: str) -> dict:
+    def _non_finite(engine: Engine, what: str) -> dict:
+        message = f"{what} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         optimizer.zero_grad(set_to_none=True)
         if nan_policy == "stop":
             raise NonFiniteError(message + " (use nan_policy='skip' to drop such batches)")
@@ -160,7 +172,7 @@ def create_trainer(
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _write_epoch_metrics(engine: Engine) -> None:
-        engine.state.metrics["train_loss"] = mean.compute()
+        engine.state.metrics["train_loss"] = mean.compute_global()
         engine.state.metrics["lr"] = current_lr(optimizer)
         if nan_policy == "skip":
             engine.state.metrics["skipped_batches"] = float(mean.skipped)
@@ -202,7 +214,7 @@ def create_evaluator(
 
     @evaluator.on(Events.COMPLETED)
     def _write(engine: Engine) -> None:
-        engine.state.metrics["loss"] = mean.compute()
+        engine.state.metrics["loss"] = mean.compute_global()
         model.train()
 
     return evaluator

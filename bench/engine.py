@@ -1,0 +1,386 @@
+"""Per-iteration overhead of the tractrain engine against a hand-written PyTorch loop.
+
+Both contenders train the same model on the same prebuilt in-memory batches, fed by the same
+kind of ``DataLoader`` over a real `BatchSampler` (so both pay the same, small, data cost):
+
+* **hand loop**: what a user writes: per batch ``train()``, ``zero_grad``, loss, backward,
+  total gradient norm, ``clip_grad_norm_``, ``step``, n-weighted epoch loss; per epoch the lr.
+* **tractrain**: ``create_trainer`` + ``SamplerEpochs`` + the default hooks of
+  ``train_and_validate`` except those that need a checkpoint or a network: EpochLR, Timing,
+  GradNorm, BestModel, Patience, NpyLogs (to a temporary experiment folder) and a disabled
+  Progress. Excluded: Checkpoint, GracefulStop (it needs a checkpoint), Comet (offline Comet
+  costs ~1 s per run end) and Validation (left out of both contenders).
+
+Two models: the demo GRU (``examples/next_direction.py``; realistic compute per iteration) and
+a single ``Linear`` layer, where the framework's per-iteration cost is most visible. The
+contenders alternate, each repeat seeds torch identically, and the medians are compared; the
+final weights of both contenders must agree, which shows they computed the same thing.
+
+Run: ``.venv/bin/python bench/engine.py [--quick] [--device cpu|cuda] ...`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+
+from tractrain.data.batch import Batch
+from tractrain.data.errors import ConfigError, TractrainError
+from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
+from tractrain.engine.epochs import SamplerEpochs
+from tractrain.engine.optim import EpochLR
+from tractrain.engine.trainer import create_trainer
+from tractrain.examples.next_direction import loss_fn as gru_loss_fn
+from tractrain.examples.next_direction import make_model
+from tractrain.hooks.best_model import BestModel
+from tractrain.hooks.grad_norm import GradNorm
+from tractrain.hooks.logs import NpyLogs
+from tractrain.hooks.patience import Patience
+from tractrain.hooks.progress import Progress
+from tractrain.hooks.timing import Timing
+
+TARGET = 0.05  # allowed overhead of tractrain over the hand loop
+CLIP = 1.0
+LR_FIRST, LR_LATER = 1e-3, 5e-4  # per-epoch schedule: LR_FIRST for epoch 1, then LR_LATER
+LR_SCHEDULE = f"{LR_FIRST}*1 {LR_LATER}"
+SEED = 1234
+N_SUBJECTS = 2
+
+
+# --------------------------------------------------------------------------------------------
+# data: prebuilt batches behind a real sampler
+
+
+def make_batches(
+    n_batches: int, streamlines: int, points: int, features: int, seed: int = 0
+) -> list[Batch]:
+    """``n_batches`` deterministic synthetic batches: random-walk streamlines of about
+    ``points`` points (+/- 25 %, at least 2) with ``features`` inputs per point."""
+    rng = np.random.default_rng(seed)
+    low, high = max(2, round(points * 0.75)), max(2, round(points * 1.25))
+    out = []
+    for index in range(n_batches):
+        lengths = rng.integers(low, high + 1, size=streamlines)
+        total = int(lengths.sum())
+        steps = rng.normal(size=(total, 3))
+        steps /= np.linalg.norm(steps, axis=1, keepdims=True)
+        starts = np.repeat(rng.uniform(10, 50, size=(streamlines, 3)), lengths, axis=0)
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        walk = np.cumsum(steps * 0.5, axis=0)
+        walk -= walk[first] - steps[first] * 0.5  # restart the walk at every streamline
+        subjects = np.arange(streamlines) % N_SUBJECTS
+        out.append(Batch(
+            points=torch.from_numpy((starts + walk).astype(np.float32)),
+            lengths=torch.from_numpy(lengths.astype(np.int64)),
+            subjects=torch.from_numpy(subjects.astype(np.int64)),
+            streamline_ids=torch.arange(streamlines, dtype=torch.int64),
+            subject_names=tuple(f"sub-{i}" for i in range(N_SUBJECTS)),
+            inputs=torch.from_numpy(rng.normal(size=(total, features)).astype(np.float32)),
+            index=index,
+        ))
+    return out
+
+
+class PrebuiltDataset(torch.utils.data.Dataset):
+    """Map-style dataset: the prebuilt batch at ``spec.index`` for each `BatchSpec`."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def __getitem__(self, spec) -> Batch:
+        return self.batches[spec.index]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _identity(x):
+    return x
+
+
+def make_loader(batches: list[Batch], streamlines: int) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over a fresh `BatchSampler` whose epochs have ``len(batches)`` batches
+    of ``streamlines`` streamlines each (a fake two-subject split, shuffled per epoch)."""
+    per_subject = len(batches) * streamlines // N_SUBJECTS
+    counts = [per_subject] * N_SUBJECTS
+    counts[0] += len(batches) * streamlines - sum(counts)
+    index = SplitIndex(
+        "train", "fake", tuple(f"sub-{i}" for i in range(N_SUBJECTS)),
+        tuple(np.full(c, 10, dtype=np.int64) for c in counts),
+        tuple(np.full(c, 5.0, dtype=np.float32) for c in counts),
+    )
+    sampler = BatchSampler(index, SamplerConfig(batch_size=streamlines), seed=SEED)
+    if sampler.epoch_length() != len(batches):
+        raise AssertionError(f"sampler gives {sampler.epoch_length()} batches, "
+                             f"expected {len(batches)}")
+    return torch.utils.data.DataLoader(PrebuiltDataset(batches), sampler=sampler,
+                                       batch_size=None, collate_fn=_identity, num_workers=0)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def linear_loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Regress each point's coordinates from its features (a tiny, cheap task)."""
+    return F.mse_loss(model(batch.inputs), batch.points), batch.num_points
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[int], torch.nn.Module]  # n_features -> model
+    loss_fn: Callable
+
+
+CASES = (
+    Case("demo GRU (h=64)", lambda f: make_model({"n_inputs": f, "hidden_size": 64}),
+         gru_loss_fn),
+    Case("Linear", lambda f: torch.nn.Linear(f, 3), linear_loss_fn),
+)
+
+
+def _fresh(case: Case, features: int, device: torch.device):
+    torch.manual_seed(SEED)
+    model = case.build(features).to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=LR_FIRST)
+
+
+# --------------------------------------------------------------------------------------------
+# contenders
+
+
+@dataclass
+class Run:
+    """One timed run: seconds training, final weights (CPU), epoch losses, and for tractrain the
+    seconds spent in the epoch-end hooks that write files (BestModel, Patience, NpyLogs)."""
+
+    seconds: float
+    weights: dict[str, torch.Tensor]
+    losses: list[float]
+    epoch_io: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def run_hand_loop(case: Case, batches: list[Batch], epochs: int, streamlines: int,
+                  device: torch.device) -> Run:
+    """The plain PyTorch loop a user would write (gradient norm computed once, as tractrain)."""
+    model, optimizer = _fresh(case, batches[0].inputs.shape[1], device)
+    params = list(model.parameters())
+    loader = make_loader(batches, streamlines)
+    losses = []
+    _sync(device)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = LR_FIRST if epoch == 0 else LR_LATER
+        total = count = norm_sum = 0.0
+        for batch in loader:
+            model.train()
+            batch = batch.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss, n = case.loss_fn(model, batch)
+            loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            torch.nn.utils.clip_grads_with_norm_(params, CLIP, norm)
+            optimizer.step()
+            total += loss.item() * float(n)
+            count += float(n)
+            norm_sum += norm.item()  # logged per epoch, as tractrain's GradNorm does
+        losses.append(total / count)
+    _sync(device)
+    return Run(time.perf_counter() - start, _weights(model), losses)
+
+
+def run_tractrain(case: Case, batches: list[Batch], epochs: int, streamlines: int,
+                  device: torch.device) -> Run:
+    """create_trainer + the default hooks (no checkpoint, Comet or validation)."""
+    model, optimizer = _fresh(case, batches[0].inputs.shape[1], device)
+    loader = make_loader(batches, streamlines)
+    losses, io_start, io_seconds = [], [0.0], [0.0]
+
+    def io_started(engine) -> None:
+        io_start[0] = time.perf_counter()
+
+    def io_done(engine) -> None:
+        io_seconds[0] += time.perf_counter() - io_start[0]
+        losses.append(engine.state.metrics["train_loss"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as exp_dir:
+        trainer = create_trainer(model, optimizer, case.loss_fn, device=device,
+                                 clip_grad_norm=CLIP)
+        SamplerEpochs(loader.sampler).attach(trainer)
+        EpochLR(LR_SCHEDULE, optimizer).attach(trainer)
+        Timing().attach(trainer)
+        GradNorm().attach(trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, io_started)
+        BestModel(exp_dir, model).attach(trainer)  # the two hooks that write files
+        Patience(None).attach(trainer)
+        NpyLogs(exp_dir).attach(trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, io_done)
+        Progress(enabled=False).attach(trainer)
+        trainer.state.max_epochs = epochs
+        trainer.state.epoch_length = max(1, loader.sampler.epoch_length())
+        _sync(device)
+        start = time.perf_counter()
+        trainer.run(loader, max_epochs=epochs)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    return Run(elapsed, _weights(model), losses, io_seconds[0])
+
+
+CONTENDERS = {"hand loop": run_hand_loop, "tractrain": run_tractrain}
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def compare_weights(a: dict, b: dict) -> tuple[str, float]:
+    """``("identical" | "allclose" | "DIFFER", max abs difference)``."""
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    if all(torch.equal(a[k], b[k]) for k in a):
+        return "identical", diff
+    if all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a):
+        return "allclose", diff
+    return "DIFFER", diff
+
+
+def bench_case(case: Case, batches: list[Batch], args) -> dict:
+    """Alternate the contenders ``args.repeats`` times: per-iteration times, the per-epoch
+    file-writing time of tractrain and, per repeat, the weight and loss comparison."""
+    device = torch.device(args.device)
+    for run in CONTENDERS.values():  # warm-up: one epoch each, not timed
+        run(case, batches, 1, args.batch_streamlines, device)
+    iterations = len(batches) * args.epochs
+    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    io_per_epoch, checks = [], []
+    names = list(CONTENDERS)
+    for r in range(args.repeats):
+        runs = {}
+        for name in names if r % 2 == 0 else names[::-1]:  # ABBA order cancels slow drifts
+            runs[name] = CONTENDERS[name](case, batches, args.epochs, args.batch_streamlines,
+                                          device)
+            times[name].append(runs[name].seconds / iterations)
+        hand, tt = runs["hand loop"], runs["tractrain"]
+        io_per_epoch.append(tt.epoch_io / args.epochs)
+        verdict, diff = compare_weights(hand.weights, tt.weights)
+        checks.append((verdict, diff, bool(np.allclose(hand.losses, tt.losses, rtol=1e-6))))
+    return {"times": times, "iterations": iterations, "io_per_epoch": io_per_epoch,
+            "batches_per_epoch": len(batches), "checks": checks}
+
+
+def report(results: dict[str, dict]) -> bool:
+    """Print the Markdown table, the overhead breakdown and the weight checks; True if both
+    contenders ended with equal weights and epoch losses for every model and repeat."""
+    print(f"| model | contender | iterations | median s/iter | overhead % | "
+          f"vs {TARGET:.0%} target |")
+    print("|---|---|---:|---:|---:|---|")
+    notes = []
+    for model_name, res in results.items():
+        hand = statistics.median(res["times"]["hand loop"])
+        tt = statistics.median(res["times"]["tractrain"])
+        overhead = tt / hand - 1.0
+        verdict = "PASS" if overhead <= TARGET else "MISS"
+        print(f"| {model_name} | hand loop | {res['iterations']} | {hand:.3e} | | |")
+        print(f"| {model_name} | tractrain | {res['iterations']} | {tt:.3e} | "
+              f"{overhead * 100:+.1f} | {verdict} |")
+        paired = [(b / a - 1) * 100 for a, b in zip(res["times"]["hand loop"],
+                                                     res["times"]["tractrain"], strict=True)]
+        io = statistics.median(res["io_per_epoch"])
+        io_share = io / res["batches_per_epoch"] / hand * 100
+        notes.append(
+            f"{model_name}: per-repeat overhead % min {min(paired):+.1f}, median "
+            f"{statistics.median(paired):+.1f}, max {max(paired):+.1f}; epoch-end file writes "
+            f"(BestModel + NpyLogs, fsynced) {io * 1e3:.1f} ms/epoch = {io_share:.1f} % of a "
+            f"hand-loop iteration at {res['batches_per_epoch']} batches/epoch; without them "
+            f"{overhead * 100 - io_share:+.1f} %"
+        )
+    print()
+    for line in notes:
+        print(line)
+    ok = True
+    for model_name, res in results.items():
+        verdicts = {v for v, _, _ in res["checks"]}
+        worst = max(d for _, d, _ in res["checks"])
+        losses_ok = all(lo for _, _, lo in res["checks"])
+        good = "DIFFER" not in verdicts and losses_ok
+        ok &= good
+        word = "identical" if verdicts == {"identical"} else ("allclose" if good else "DIFFER")
+        print(f"weights equal: {model_name}: {word} in {len(res['checks'])} repeats "
+              f"(max abs diff {worst:.1e}; epoch losses {'equal' if losses_ok else 'DIFFER'})")
+    return ok
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="batches per epoch (default 100; quick 8)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 2; quick 2)")
+    p.add_argument("--batch-streamlines", type=int, default=None,
+                   help="streamlines per batch (default 32; quick 16)")
+    p.add_argument("--points", type=int, default=None,
+                   help="about this many points per streamline (default 32; quick 24)")
+    p.add_argument("--features", type=int, default=None,
+                   help="input features per point (default 16; quick 8)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="alternating repeats per contender (default 7; quick 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--quick", action="store_true", help="small sizes, finishes in < 30 s")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = p.parse_args(argv)
+    defaults = {"iterations": (100, 8), "epochs": (2, 2), "batch_streamlines": (32, 16),
+                "points": (32, 24), "features": (16, 8), "repeats": (7, 3)}
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected an integer >= 1, "
+                              f"got {getattr(args, name)}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: expected a CUDA device, torch sees none")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 if both contenders agree, 1 if not, 2 for a bad option."""
+    try:
+        args = parse_args(argv)
+    except TractrainError as e:
+        print(f"bench/engine.py: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    batches = make_batches(args.iterations, args.batch_streamlines, args.points, args.features)
+    print(f"# tractrain engine overhead: {args.iterations} batches/epoch x {args.epochs} epochs, "
+          f"{args.batch_streamlines} streamlines x ~{args.points} points x {args.features} "
+          f"features, {args.repeats} repeats, device {args.device}, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print("# tractrain hooks: EpochLR, Timing, GradNorm, BestModel, Patience, NpyLogs, "
+          "Progress(off); excluded: Checkpoint, GracefulStop, Comet, Validation\n")
+    results = {case.name: bench_case(case, batches, args) for case in CASES}
+    return 0 if report(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Smoke test of bench/engine.py: the engine-overhead benchmark runs and reports a fair race."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "engine.py"
+ROW = re.compile(r"^\| (?P<model>[^|]+) \| (?P<who>hand loop|tractrain) \| (?P<iters>\d+) \| "
+                 r"(?P<secs>[0-9.e+-]+) \|(?P<overhead>[^|]*)\|(?P<verdict>[^|]*)\|$")
+
+
+def test_quick_benchmark_prints_table_and_equal_weights():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [m for m in map(ROW.match, done.stdout.splitlines()) if m]
+    # two models x two contenders, each with a positive time per iteration
+    assert [(m["model"], m["who"]) for m in rows] == [
+        (model, who) for model in ("demo GRU (h=64)", "Linear")
+        for who in ("hand loop", "tractrain")
+    ]
+    assert all(float(m["secs"]) > 0 for m in rows)
+    assert {int(m["iters"]) for m in rows} == {8 * 2}  # quick: 8 batches/epoch x 2 epochs
+    for hand, tt in zip(rows[::2], rows[1::2], strict=True):
+        overhead = float(tt["overhead"])  # the printed % matches the printed times
+        expected = (float(tt["secs"]) / float(hand["secs"]) - 1) * 100
+        assert abs(overhead - expected) < 0.1 + 0.01 * abs(expected)
+        assert tt["verdict"].strip() == ("PASS" if overhead <= 5.0 else "MISS")
+    # both contenders computed the same thing: the script checks it and says so
+    for model in ("demo GRU (h=64)", "Linear"):
+        assert re.search(rf"^weights equal: {re.escape(model)}: (identical|allclose) in 3 "
+                         r"repeats .*epoch losses equal\)$", done.stdout, re.MULTILINE), \
+            done.stdout
+
+
+def test_rejects_bad_option():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--iterations", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--iterations: expected an integer >= 1, got 0" in done.stderr
