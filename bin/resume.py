@@ -10,7 +10,7 @@ from pathlib import Path
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import convert
 from tractrain.data.errors import CheckpointError
-from tractrain.hooks.atomic import atomic_write_json
+from tractrain.hooks.atomic import atomic_write_bytes, atomic_write_json
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
 
@@ -48,9 +48,7 @@ def load_experiment_config(exp_dir: Path) -> dict:
 
 
 def resume(args: argparse.Namespace) -> int:
-    from tractrain.bin.compose import run_training
-    from tractrain.bin.train import EXIT_FAILED, finish
-    from tractrain.engine.trainer import NonFiniteError
+    from tractrain.bin.train import train_to_end
     from tractrain.hooks.checkpoint import read_meta
 
     exp_dir = Path(args.experiment)
@@ -60,16 +58,14 @@ def resume(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             config[name] = convert(name, value, "--" + name.replace("_", "-"))
-    try:
-        trainer = run_training(config, exp_dir, resume=True)
-    except NonFiniteError as err:
-        if args.debug:
-            raise
-        print(f"tractrain-resume: stopped: {err}; last good checkpoint kept in "
-              f"{exp_dir / 'checkpoint'}", file=sys.stderr)
-        return EXIT_FAILED
+    before = (exp_dir / "config.json").read_bytes()
     atomic_write_json(exp_dir / "config.json", config)  # the extended limits, for next time
-    return finish(trainer, exp_dir)
+    try:
+        return train_to_end(config, exp_dir, resume=True, debug=args.debug,
+                            prog="tractrain-resume")
+    except CheckpointError:  # refused before training: keep the folder as it was
+        atomic_write_bytes(exp_dir / "config.json", before)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,29 +72,35 @@ def preflight(config: dict) -> None:
         raise FileNotFoundError(f"--store {config['store']}: no such store")
 
 
-def train(args: argparse.Namespace) -> int:
+def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog: str) -> int:
+    """Train (or resume), then plot and print the summary; a NaN stop is one line, status 1."""
     from tractrain.bin.compose import run_training
     from tractrain.engine.trainer import NonFiniteError
 
+    try:
+        trainer = run_training(config, exp_dir, resume=resume)
+    except NonFiniteError as err:
+        if debug:
+            raise
+        print(f"{prog}: stopped: {err}; last good checkpoint kept in "
+              f"{exp_dir / 'checkpoint'}", file=sys.stderr)
+        return EXIT_FAILED
+    return finish(trainer, exp_dir)
+
+
+def train(args: argparse.Namespace) -> int:
     file_options = read_config_file(args.config) if args.config else {}
     config = resolve(file_options, vars(args))
     preflight(config)
     exp_dir = prepare_experiment(config, args.force)
     print(f"experiment: {exp_dir}  (config: {exp_dir / 'config.json'})", flush=True)
     try:
-        try:
-            trainer = run_training(config, exp_dir)
-        except BaseException:
-            if {p.name for p in exp_dir.iterdir()} <= {"config.json"}:
-                shutil.rmtree(exp_dir)  # failed before training started: leave nothing
-            raise
-    except NonFiniteError as err:
-        if args.debug:
-            raise
-        print(f"tractrain-train: stopped: {err}; last good checkpoint kept in "
-              f"{exp_dir / 'checkpoint'}", file=sys.stderr)
-        return EXIT_FAILED
-    return finish(trainer, exp_dir)
+        return train_to_end(config, exp_dir, resume=False, debug=args.debug,
+                            prog="tractrain-train")
+    except BaseException:
+        if exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {"config.json"}:
+            shutil.rmtree(exp_dir)  # failed before training started: leave nothing
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
