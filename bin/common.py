@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from typing import NoReturn
 
 from tractrain.data.errors import TractrainError
 
+EXIT_OS_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -89,7 +91,9 @@ def run(
 
     Returns ``main``'s status (``None`` -> 0). A `TractrainError`, `FileNotFoundError`,
     `FileExistsError` or `PermissionError` prints ``<prog>: error: <message>`` and returns 2,
-    unless ``args.debug`` is set (then it propagates with its traceback). Ctrl-C returns 130.
+    unless ``args.debug`` is set (then it propagates with its traceback). Any other `OSError`
+    (a write failing with ENOSPC, EIO, ...) prints one line naming the file and the OS error and
+    returns 1: the environment failed, not the input. Ctrl-C returns 130.
     """
     prog = prog or _last_prog or os.path.basename(sys.argv[0]) or "tractrain"
     try:
@@ -99,6 +103,13 @@ def run(
             raise
         print(f"{prog}: error: {one_line(_describe(e))}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a failing disk (ENOSPC, EIO...): not the user's input
+        if getattr(args, "debug", False):
+            raise
+        code = errno.errorcode.get(e.errno or 0, "")
+        print(f"{prog}: error: {one_line(_describe(e))}{f' ({code})' if code else ''}",
+              file=sys.stderr)
+        return EXIT_OS_ERROR
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             raise

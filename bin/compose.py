@@ -7,6 +7,7 @@ samplers and loaders, import the user's model and loss, then call `train_and_val
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
 from tractrain.data.store import open_store
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
 from tractrain.engine.train import train_and_validate
+from tractrain.hooks.atomic import atomic_write_bytes
 
 # The demo dataset: 4 phantom subjects (2 train, 1 valid, 1 test), built in a few seconds.
 DEMO_PHANTOM = {"n_subjects": 4, "streamlines_per_subject": 300, "seed": 0}
@@ -163,7 +165,9 @@ def write_plot(exp_dir: Path) -> Path | None:
         return None
     figure = plot_logs([exp_dir])
     out = exp_dir / "logs" / "plot.png"
-    figure.savefig(out, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    atomic_write_bytes(out, png.getvalue())  # a kill mid-write leaves no truncated PNG
     return out
 
 

@@ -2,18 +2,93 @@
 
 Folders are written as ``<name>.new``, fsynced, marked complete, then swapped in by rename:
 ``<name>`` -> ``<name>.old``, ``<name>.new`` -> ``<name>``, ``<name>.old`` removed.
-`repair_dir` finishes or rolls back a swap that a crash interrupted.
+`repair_dir` finishes or rolls back a swap that a crash interrupted. A write that fails (disk
+full, I/O error) raises an `OSError` whose ``filename`` is the file or folder being written.
+
+Test-only, default off: ``TRACTRAIN_TEST_FAULT=<event>[@n][=kill|ENOSPC|EIO],...`` makes the
+process SIGKILL itself (``kill``, the default) or fail as a disk would (``OSError``) the n-th
+time (default 1st) it reaches ``event`` (see `fault_point`). Events, ``<name>`` being the file or
+folder name: ``write:<name>`` (half of a file's bytes written), ``replace:<name>`` (temporary file
+complete, before the rename), ``<name>:written`` (folder files written, not marked complete),
+``<name>:complete`` (marked complete, before the swap), ``<name>:swap`` (old folder moved
+aside, new one not yet in place).
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 COMPLETE_MARKER = ".complete"
+FAULT_ENV = "TRACTRAIN_TEST_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(event: str) -> None:
+    """Test hook (no-op unless ``TRACTRAIN_TEST_FAULT`` names ``event``): kill or fail here."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, action = item.partition("=")
+        name, _, nth = name.partition("@")
+        if name != event:
+            continue
+        _fault_counts[event] = _fault_counts.get(event, 0) + 1
+        if _fault_counts[event] != int(nth or 1):
+            continue
+        if action in ("", "kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        code = getattr(_errno, action)
+        raise OSError(code, os.strerror(code))
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` with ``filename`` set to ``path`` when the OS did not say which file failed."""
+    if err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror or os.strerror(err.errno), str(path))
+    return err
+
+
+def write_file(path: str | os.PathLike, data: bytes, name: str | None = None) -> None:
+    """Write ``data`` to ``path`` (not atomic: for files inside a folder being built);
+    ``name`` (default: the file's) names the fault event ``write:<name>``."""
+    path = Path(path)
+    half = len(data) // 2
+    with open(path, "wb") as f:
+        f.write(data[:half])
+        if os.environ.get(FAULT_ENV):
+            f.flush()
+            fault_point(f"write:{name or path.name}")
+        f.write(data[half:])
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` files that a killed `atomic_write_bytes` left in
+    ``folder`` (those of a process still running are kept); returns them."""
+    folder = Path(folder)
+    stale = [p for p in sorted(folder.glob(".*.tmp-*")) if folder.is_dir()
+             and not _alive(p.name.rpartition("-")[2])]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,15 +105,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        write_file(tmp, data, path.name)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point(f"replace:{path.name}")
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        raise _named(err, path) from err
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -88,18 +165,24 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
     target = Path(target)
     repair_dir(target)
     new, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
-    new.mkdir(parents=True)
     try:
-        write(new)
-        (new / COMPLETE_MARKER).write_text("ok\n")
-        _fsync_tree(new)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    fsync_dir(target.parent)
-    if old.exists():
-        shutil.rmtree(old)
+        new.mkdir(parents=True)
+        try:
+            write(new)
+            fault_point(f"{target.name}:written")
+            write_file(new / COMPLETE_MARKER, b"ok\n")
+            _fsync_tree(new)
+            fault_point(f"{target.name}:complete")
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        if target.exists():
+            os.replace(target, old)
+            fault_point(f"{target.name}:swap")
+        os.replace(new, target)
+        fsync_dir(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except OSError as err:
+        raise _named(err, target) from err
     return target

@@ -10,6 +10,7 @@ Layout (written atomically, folder swapped in by `atomic_write_dir`)::
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,7 +22,14 @@ import torch
 from ignite.engine import Engine, Events
 
 from tractrain.data.errors import CheckpointError, ConfigError
-from tractrain.hooks.atomic import atomic_write_dir, atomic_write_json, is_complete
+from tractrain.hooks.atomic import (
+    atomic_write_dir,
+    atomic_write_json,
+    is_complete,
+    remove_stale_temps,
+    repair_dir,
+    write_file,
+)
 from tractrain.hooks.monitor import Monitor, to_float
 
 BEST_DIR = "best_model"
@@ -122,9 +130,12 @@ class BestModel:
         record = dict(self.best)
 
         def write(folder: Path) -> None:
-            torch.save(weights, folder / "model.pt")
-            (folder / "config.json").write_text(json.dumps(self.model_config, indent=2) + "\n")
-            (folder / BEST_EPOCH_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            buffer = io.BytesIO()  # in memory first: a full disk raises OSError naming the folder
+            torch.save(weights, buffer)
+            write_file(folder / "model.pt", buffer.getvalue())
+            write_file(folder / "config.json",
+                       (json.dumps(self.model_config, indent=2) + "\n").encode())
+            write_file(folder / BEST_EPOCH_FILE, (json.dumps(record, indent=2) + "\n").encode())
 
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_dir(self.exp_dir / BEST_DIR, write)
@@ -134,9 +145,13 @@ class BestModel:
         return {"monitor": self.monitor.state_dict(), "best": self.best}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Restore the record; on rank 0 also finish a folder swap or write a kill cut short."""
         self.monitor.load_state_dict(state["monitor"])
         best = state.get("best")
         self.best = None if best is None else dict(best)
+        if idist.get_rank() == 0 and self.exp_dir.is_dir():
+            repair_dir(self.exp_dir / BEST_DIR)
+            remove_stale_temps(self.exp_dir)
 
     @staticmethod
     def load(exp_dir: str | os.PathLike) -> tuple[dict, dict | None]:

@@ -10,16 +10,16 @@ a crash is repaired when the checkpoint is next loaded or written.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 
 from tractrain.data.errors import CheckpointError
-from tractrain.hooks.atomic import atomic_write_dir, repair_dir
+from tractrain.hooks.atomic import atomic_write_dir, repair_dir, write_file
 
 FORMAT_NAME = "tractrain-checkpoint"
 FORMAT_VERSION = 1
@@ -79,11 +79,18 @@ class Checkpoint:
         logs = self.exp_dir / "logs"
 
         def write(folder: Path) -> None:
-            torch.save(states, folder / "state.pt")
-            (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            (folder / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            # serialised in memory first: a full disk then raises OSError, not torch's
+            # RuntimeError, and names the checkpoint
+            buffer = io.BytesIO()
+            torch.save(states, buffer)
+            write_file(folder / "state.pt", buffer.getvalue())
+            write_file(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+            write_file(folder / "config.json", (json.dumps(self.config, indent=2) + "\n").encode())
             if logs.is_dir():
-                shutil.copytree(logs, folder / "logs")
+                (folder / "logs").mkdir()
+                for path in sorted(logs.iterdir()):
+                    if path.is_file() and not path.name.startswith("."):
+                        write_file(folder / "logs" / path.name, path.read_bytes())
 
         atomic_write_dir(self.path, write)
         self.saves += 1

@@ -19,7 +19,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from tractrain.data.errors import CheckpointError, ConfigError
-from tractrain.hooks.atomic import atomic_write_bytes
+from tractrain.hooks.atomic import atomic_write_bytes, remove_stale_temps
 from tractrain.hooks.monitor import to_float
 
 LOGS_DIR = "logs"
@@ -138,6 +138,8 @@ class NpyLogs:
         for name in self.metrics or []:
             values.setdefault(name, [math.nan] * len(epochs))
         self.epochs, self.values = epochs, values
+        if idist.get_rank() == 0:
+            remove_stale_temps(self.logs_dir)  # left by a process killed while writing
 
 
 def read_logs(exp_dir: str | os.PathLike) -> dict[str, np.ndarray]:
