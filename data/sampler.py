@@ -31,7 +31,10 @@ Algorithm (epochs are 0-based):
    of ``world_size`` gets ``batches[r::world_size]``: the ranks' lists are disjoint, their union
    is the epoch, and their lengths differ by at most one (rank r has one more batch than rank
    ``world_size - 1`` when ``r < len(batches) % world_size``). Code that needs equal counts
-   across ranks (DDP) must stop at the smallest ``epoch_length`` or use a join context.
+   across ranks (DDP) must stop at the smallest ``epoch_length`` or use a join context:
+   ``BatchSampler(..., drop_uneven=True)`` does the former, giving every rank
+   ``len(batches) // world_size`` batches (the last ``len(batches) % world_size`` of the
+   epoch are left out that epoch).
 
 Within a batch, subjects come in split order, once each, and a subject's ids keep their
 epoch order (ascending without shuffle). Id arrays are read-only int64 views.
@@ -402,7 +405,9 @@ class BatchSampler:
 
     ``iter()`` yields the current epoch's batches from position ``start`` (rank-local); after
     the epoch's last batch (or at once when there is none left) it moves itself to
-    ``(epoch + 1, start=0)``. The current and last asked-for epochs' batches are cached."""
+    ``(epoch + 1, start=0)``. The current and last asked-for epochs' batches are cached.
+    ``drop_uneven=True`` gives every rank the same number of batches, ``len(epoch) //
+    world_size`` (for DDP, whose ranks must run the same number of steps)."""
 
     def __init__(
         self,
@@ -412,6 +417,7 @@ class BatchSampler:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        drop_uneven: bool = False,
     ) -> None:
         _check_epoch_args(seed, 0, rank, world_size)
         self.index = index
@@ -420,6 +426,7 @@ class BatchSampler:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.shuffle = bool(shuffle)
+        self.drop_uneven = bool(drop_uneven)
         self.epoch = 0
         self.start = 0
         self._cache: OrderedDict[int, list[BatchIds]] = OrderedDict()
@@ -430,9 +437,14 @@ class BatchSampler:
         if epoch in self._cache:
             self._cache.move_to_end(epoch)
             return self._cache[epoch]
-        batches = epoch_batches(
-            self.index, self.config, self.seed, epoch, self.rank, self.world_size, self.shuffle
-        )
+        if self.drop_uneven and self.world_size > 1:  # equal counts on every rank (DDP)
+            every = epoch_batches(self.index, self.config, self.seed, epoch, 0, 1, self.shuffle)
+            batches = every[self.rank :: self.world_size][: len(every) // self.world_size]
+        else:
+            batches = epoch_batches(
+                self.index, self.config, self.seed, epoch, self.rank, self.world_size,
+                self.shuffle,
+            )
         self._cache[epoch] = batches
         while len(self._cache) > 2:
             self._cache.popitem(last=False)

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine
 
-from tractrain.data.errors import CheckpointError
+from tractrain.data.errors import CheckpointError, ConfigError
+from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size, unwrap
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.rng import GlobalRNG
@@ -64,24 +65,33 @@ def train_and_validate(
     ``train_loader`` iterates a `tractrain.data.sampler.BatchSampler` (``train_sampler``,
     default ``train_loader.sampler``), which makes mid-epoch resume exact. With
     ``resume=True`` every state is restored from ``<exp_dir>/checkpoint`` first.
+
+    In a distributed run (``idist`` world size > 1, see `tractrain.engine.distributed`) call it
+    on every rank: the model is wrapped in DDP, the sampler must be this rank's shard with
+    ``drop_uneven=True``, losses are reduced over ranks and only rank 0 writes files.
     """
     exp_dir = Path(exp_dir)
     sampler = train_sampler if train_sampler is not None else train_loader.sampler
+    world_size = get_world_size()
+    if world_size > 1:
+        _check_shard(sampler, get_rank(), world_size)
+    net = unwrap(model)  # what is saved, validated and restored
+    model = auto_model(model)  # DDP when distributed, else unchanged
     trainer = create_trainer(model, optimizer, loss_fn, device=device, amp=amp,
                              clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
                              nan_policy=nan_policy)
     position = SamplerEpochs(sampler).attach(trainer)
-    objects: dict = {"model": model, "optimizer": optimizer, "scaler": trainer.scaler,
+    objects: dict = {"model": net, "optimizer": optimizer, "scaler": trainer.scaler,
                      "position": position, "train_loss": trainer.loss_mean}
     if lr_schedule is not None:
         objects["lr"] = EpochLR(lr_schedule, optimizer).attach(trainer)
     Timing().attach(trainer)
     objects["grad_norm"] = GradNorm().attach(trainer)
     if valid_loader is not None:
-        evaluator = create_evaluator(model, loss_fn, device=device, amp=amp,
+        evaluator = create_evaluator(net, loss_fn, device=device, amp=amp,
                                      prepare_batch=prepare_batch)
         Validation(evaluator, valid_loader).attach(trainer)
-    best = objects["best_model"] = BestModel(exp_dir, model, model_config, metric=monitor)
+    best = objects["best_model"] = BestModel(exp_dir, net, model_config, metric=monitor)
     best.attach(trainer)
     stopper = objects["patience"] = Patience(patience, min_delta, metric=monitor)
     stopper.attach(trainer)
@@ -95,6 +105,9 @@ def train_and_validate(
     Progress(enabled=progress).attach(trainer)
     objects.update(extra_state or {})
     objects["rng"] = GlobalRNG()
+    if world_size > 1:  # states that differ by rank: each rank resumes its own
+        objects["train_loss"] = PerRank(trainer.loss_mean, "train_loss")
+        objects["rng"] = PerRank(objects["rng"], "rng")
     checkpoint = Checkpoint(exp_dir, objects, config=config, every_iterations=checkpoint_every)
     checkpoint.attach(trainer)
     if handle_signals:
@@ -102,7 +115,7 @@ def train_and_validate(
     trainer.checkpoint = checkpoint
 
     if resume:
-        meta = restore(checkpoint, model)
+        meta = restore(checkpoint, net)
         done = position.epochs_done
         if done >= max_epochs and position.start == 0:
             raise CheckpointError(
@@ -125,6 +138,11 @@ def train_and_validate(
 def restore(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
     """Load ``<exp>/checkpoint`` into every object of ``checkpoint``; returns its meta."""
     meta, states = load_checkpoint(checkpoint.exp_dir)
+    rng = states.get("rng")
+    ranks = int(rng.get("world_size", 1)) if isinstance(rng, dict) else 1
+    if get_world_size() == 1 and ranks != 1:
+        raise CheckpointError(f"{checkpoint.path}: written by a run of {ranks} processes; "
+                              f"resume it with as many (--nproc-per-node {ranks})")
     if "model" in states:
         check_model_state(model, states["model"], str(checkpoint.path))
     checkpoint.restore(states, strict=False)
@@ -133,3 +151,18 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
         raise CheckpointError(f"{checkpoint.path}: checkpoint has no state for {missing} "
                               "(was it written with other options?)")
     return meta
+
+
+def _check_shard(sampler, rank: int, world_size: int) -> None:
+    """A distributed run needs this rank's shard with equal batch counts on every rank."""
+    got = (getattr(sampler, "rank", None), getattr(sampler, "world_size", None),
+           getattr(sampler, "drop_uneven", None))
+    if got != (rank, world_size, True):
+        raise ConfigError(
+            f"train_sampler: a distributed run needs BatchSampler(..., rank={rank}, "
+            f"world_size={world_size}, drop_uneven=True), got rank={got[0]}, "
+            f"world_size={got[1]}, drop_uneven={got[2]}"
+        )
+    if sampler.epoch_length() < 1:
+        raise ConfigError(f"train_sampler: fewer training batches than the {world_size} "
+                          "processes; lower batch_size or use fewer processes")

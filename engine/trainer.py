@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events, State
 
 from tractrain.data.errors import ConfigError
+from tractrain.engine.distributed import all_reduce_sum
 
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int | torch.Tensor]]
 NAN_POLICIES = ("stop", "skip")
@@ -63,6 +64,12 @@ class EpochMean:
 
     def compute(self) -> float:
         return self.total / self.count if self.count else math.nan
+
+    def compute_global(self) -> float:
+        """The mean over every rank of a distributed run (all_reduce of the sums; the same as
+        `compute` with one process). Every rank must call it."""
+        total, count = all_reduce_sum([self.total, self.count])
+        return total / count if count else math.nan
 
     def state_dict(self) -> dict:
         return {"total": self.total, "count": self.count, "skipped": self.skipped}
@@ -165,7 +172,7 @@ def create_trainer(
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _write_epoch_metrics(engine: Engine) -> None:
-        engine.state.metrics["train_loss"] = mean.compute()
+        engine.state.metrics["train_loss"] = mean.compute_global()
         engine.state.metrics["lr"] = current_lr(optimizer)
         if nan_policy == "skip":
             engine.state.metrics["skipped_batches"] = float(mean.skipped)
@@ -207,7 +214,7 @@ def create_evaluator(
 
     @evaluator.on(Events.COMPLETED)
     def _write(engine: Engine) -> None:
-        engine.state.metrics["loss"] = mean.compute()
+        engine.state.metrics["loss"] = mean.compute_global()
         model.train()
 
     return evaluator

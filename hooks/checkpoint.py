@@ -15,6 +15,7 @@ import json
 import pickle
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -29,7 +30,8 @@ class Checkpoint:
     """Save ``objects`` (``{name: obj with state_dict/load_state_dict}``) to ``<exp>/checkpoint``.
 
     Saves after every epoch and, if ``every_iterations`` is set, every that many iterations
-    (mid-epoch). Attach it after the hooks whose state it saves have run for the epoch.
+    (mid-epoch). Attach it after the hooks whose state it saves have run for the epoch. In a
+    distributed run only rank 0 writes (``saves`` counts the writes of this process).
     """
 
     def __init__(self, exp_dir, objects: dict, config: dict | None = None,
@@ -61,9 +63,14 @@ class Checkpoint:
         self.save(trainer)
 
     def save(self, trainer: Engine | None = None) -> Path:
-        """Write the checkpoint now (crash-safe). Returns its folder."""
+        """Write the checkpoint now (crash-safe). Returns its folder.
+
+        In a distributed run call it on every rank: all of them collect their states (some
+        gather per-rank state), only rank 0 writes."""
         trainer = trainer or self.trainer
         states = {name: obj.state_dict() for name, obj in self.objects.items()}
+        if idist.get_rank() != 0:
+            return self.path
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

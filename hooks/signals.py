@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from tractrain.hooks.progress import reraise_if_last
@@ -55,12 +56,18 @@ class GracefulStop:
               file=sys.stderr, flush=True)
 
     def _maybe_stop(self, trainer: Engine) -> None:
+        if idist.get_world_size() > 1:  # every rank stops (and saves) at the same iteration
+            flag = idist.all_reduce(0.0 if self.received is None else float(self.received),
+                                    op="MAX")
+            if self.received is None and flag > 0:
+                self.received = int(flag)
         if self.received is None:
             return
-        path = self.checkpoint.save(trainer)
+        path = self.checkpoint.save(trainer)  # every rank collects, rank 0 writes
         hint = f"; resume with: {self.resume_hint}" if self.resume_hint else ""
-        print(f"stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
-              f"checkpoint written to {path}{hint}", file=sys.stderr, flush=True)
+        if idist.get_rank() == 0:
+            print(f"stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
+                  f"checkpoint written to {path}{hint}", file=sys.stderr, flush=True)
         trainer.state.stopped_by_signal = signal.Signals(self.received).name
         trainer.terminate()
 

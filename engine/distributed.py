@@ -1,0 +1,191 @@
+"""Data-parallel training helpers around ``ignite.distributed`` (``idist``).
+
+A distributed run is N processes (ranks) in one process group, started by `run_distributed`
+(``idist.Parallel``: spawned here, or joined when launched by ``torchrun``), backend ``gloo``
+on CPU, ``nccl`` on GPUs. Each rank reads its own shard of every epoch
+(``BatchSampler(..., rank, world_size, drop_uneven=True)``), DDP (`auto_model`) averages the
+gradients, and the epoch losses are reduced over ranks (`all_reduce_sum`). Only rank 0
+writes files (`is_main`). With one process nothing here changes anything: every helper is the
+identity and no process group is created.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+
+from tractrain.data.errors import CheckpointError, ConfigError
+
+BACKENDS = ("gloo", "nccl")
+
+
+def get_rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return idist.get_rank()
+
+
+def get_world_size() -> int:
+    """Number of processes in the run (1 when not distributed)."""
+    return idist.get_world_size()
+
+
+def is_main() -> bool:
+    """True on the rank that writes files, prints and logs (rank 0)."""
+    return idist.get_rank() == 0
+
+
+def is_distributed() -> bool:
+    return idist.get_world_size() > 1
+
+
+def default_backend(device: str | torch.device = "cpu") -> str:
+    """``nccl`` for a CUDA device, ``gloo`` otherwise."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process started by ``torchrun`` (or another ``env://`` launcher) with
+    several ranks."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) and int(
+        os.environ["WORLD_SIZE"]
+    ) > 1
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (for the process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    nproc: int = 1,
+    backend: str | None = None,
+    *,
+    args: Sequence = (),
+    kwargs: dict | None = None,
+    init_method: str | None = None,
+    start_method: str = "spawn",
+) -> None:
+    """Run ``fn(local_rank, *args, **kwargs)`` on every rank of a process group.
+
+    Under ``torchrun`` the processes already exist: this joins the group (``nproc`` is
+    ignored). Otherwise ``nproc == 1`` calls ``fn(0, ...)`` here without any process group,
+    and ``nproc > 1`` spawns that many processes (``fn`` and its arguments must pickle) on a
+    free local port, or ``init_method`` (e.g. ``file:///tmp/x``). Raises when a rank fails.
+    ``start_method="fork"`` starts faster (CPU only: never fork a process that used CUDA).
+
+    Args:
+        backend: ``gloo`` or ``nccl``; default `default_backend` of the visible devices.
+    """
+    kwargs = dict(kwargs or {})
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"nproc_per_node: expected an integer >= 1, got {nproc!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "nccl" and not launched_by_torchrun() and nproc > torch.cuda.device_count():
+        raise ConfigError(f"nproc_per_node: {nproc} processes on nccl need as many GPUs, "
+                          f"this machine has {torch.cuda.device_count()}")
+    if launched_by_torchrun():
+        with idist.Parallel(backend=backend) as parallel:
+            parallel.run(fn, *args, **kwargs)
+        return
+    if nproc == 1:
+        fn(0, *args, **kwargs)
+        return
+    spawn: dict[str, Any] = {"nproc_per_node": nproc, "start_method": start_method}
+    if init_method is not None:
+        spawn["init_method"] = init_method
+    else:
+        spawn["master_port"] = free_port()
+    with idist.Parallel(backend=backend, **spawn) as parallel:
+        parallel.run(fn, *args, **kwargs)
+
+
+# -- model ---------------------------------------------------------------------------------
+
+
+def auto_model(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP-wrapped ``model`` (moved to this rank's device) in a distributed run; ``model``
+    itself otherwise or when it is already wrapped."""
+    if not is_distributed() or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    return idist.auto_model(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside a DDP/DataParallel wrapper (``model`` if not wrapped)."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+# -- collectives (identity with one process) -------------------------------------------------
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (float64; every rank must call it)."""
+    values = [float(v) for v in values]
+    if not is_distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=idist.device())
+    return [float(x) for x in idist.all_reduce(tensor).cpu().tolist()]
+
+
+def all_reduce_mean(value: float, weight: float = 1.0) -> float:
+    """Weighted mean ``sum(value * weight) / sum(weight)`` over ranks (NaN if no weight)."""
+    total, count = all_reduce_sum([float(value) * float(weight), float(weight)])
+    return total / count if count else float("nan")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_distributed():
+        idist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (pickled; every rank must call it)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class PerRank:
+    """Checkpoint one object's state per rank (e.g. RNGs, partial epoch sums differ by rank).
+
+    ``state_dict()`` gathers every rank's ``obj.state_dict()`` (a collective: call it on all
+    ranks) into ``{"world_size", "ranks": [...]}``; ``load_state_dict`` gives each rank its own
+    entry back. Resuming needs the same number of processes.
+    """
+
+    def __init__(self, obj: Any, name: str = "state") -> None:
+        self.obj, self.name = obj, name
+
+    def state_dict(self) -> dict:
+        return {"world_size": get_world_size(), "ranks": all_gather_objects(self.obj.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        world = get_world_size()
+        if not isinstance(state, dict) or "ranks" not in state:
+            raise CheckpointError(f"{self.name}: the checkpoint was written by a single-process "
+                                  f"run; resume it with 1 process, not {world}")
+        if int(state["world_size"]) != world:
+            raise CheckpointError(f"{self.name}: the checkpoint was written by "
+                                  f"{state['world_size']} processes; resume it with as many, "
+                                  f"not {world}")
+        self.obj.load_state_dict(state["ranks"][get_rank()])
