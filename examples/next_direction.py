@@ -4,6 +4,11 @@ This is what you write to train your own model with tractrain: a ``make_model(co
 ``loss_fn(model, batch) -> (mean_loss, n)``. The batch holds B streamlines packed flat:
 ``batch.points`` (M, 3) voxel coordinates, ``batch.lengths`` (B,) points per streamline and
 ``batch.inputs`` (M, F) diffusion features interpolated at every point.
+
+To track with the model (generation validation, ``tractrain-track``) it also implements the
+generation contract of `tractrain.data.tracker`: ``init_state(n, device)`` and
+``step(inputs, prev_dir, state) -> (direction, stop_logit, state)``, one point at a time, with
+the same inputs as in training (features at point t and the unit direction t - 1 -> t).
 """
 
 from __future__ import annotations
@@ -34,6 +39,19 @@ class NextDirectionGRU(torch.nn.Module):
         hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True)  # (B, Lmax, H)
         valid = torch.arange(hidden.shape[1]) < lengths[:, None]  # drop the padding
         return self.head(hidden[valid.to(hidden.device)])  # streamline by streamline, in order
+
+    # -- generation contract (tractrain.data.tracker) ----------------------------------------
+    def init_state(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """Zero hidden state of ``n`` streamlines: (n, num_layers, hidden_size)."""
+        return torch.zeros(n, self.gru.num_layers, self.gru.hidden_size, device=device)
+
+    def step(self, inputs: torch.Tensor, prev_dir: torch.Tensor,
+             state: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        """One point: (n, F) features and (n, 3) previous unit direction -> (unit next
+        direction (n, 3), no stop signal, new state). The state keeps the streamline first."""
+        x = torch.cat([inputs, prev_dir], dim=1).unsqueeze(1)  # (n, 1, F + 3)
+        out, hidden = self.gru(x, state.transpose(0, 1).contiguous())
+        return F.normalize(self.head(out[:, 0]), dim=1), None, hidden.transpose(0, 1)
 
 
 def make_model(config: dict) -> torch.nn.Module:
