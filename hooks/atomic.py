@@ -163,9 +163,9 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
     partial folder is removed before the exception propagates.
     """
     target = Path(target)
-    repair_dir(target)
     new, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
     try:
+        repair_dir(target)
         new.mkdir(parents=True)
         try:
             write(new)

@@ -102,12 +102,17 @@ class NpyLogs:
         return {k: np.asarray(v, dtype=np.float64) for k, v in self.values.items()}
 
     def write(self) -> None:
-        """Write every ``<metric>.npy`` and ``logs.csv`` atomically."""
+        """Write every ``<metric>.npy`` and ``logs.csv`` atomically.
+
+        If a write fails (disk full, I/O error), the files already rewritten get their previous
+        content back (best effort) so that all logs keep the same epochs; the error propagates.
+        """
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        files = {}
         for name, array in self.arrays().items():
             buf = io.BytesIO()
             np.save(buf, array, allow_pickle=False)
-            atomic_write_bytes(self.logs_dir / f"{name}.npy", buf.getvalue())
+            files[f"{name}.npy"] = buf.getvalue()
         names = sorted(self.values)
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
@@ -115,7 +120,26 @@ class NpyLogs:
         for i, epoch in enumerate(self.epochs):
             cells = (self.values[n][i] for n in names)
             writer.writerow([epoch, *("" if math.isnan(v) else repr(v) for v in cells)])
-        atomic_write_bytes(self.logs_dir / CSV_NAME, text.getvalue().encode())
+        files[CSV_NAME] = text.getvalue().encode()
+        previous: dict[str, bytes | None] = {}
+        try:
+            for name, data in files.items():
+                path = self.logs_dir / name
+                previous[name] = path.read_bytes() if path.is_file() else None
+                atomic_write_bytes(path, data)
+        except OSError:
+            self._roll_back(previous)
+            raise
+
+    def _roll_back(self, previous: Mapping[str, bytes | None]) -> None:
+        for name, data in previous.items():
+            try:
+                if data is None:
+                    (self.logs_dir / name).unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(self.logs_dir / name, data)
+            except OSError:
+                pass  # the disk is failing: the original error is the one to report
 
     def state_dict(self) -> dict:
         """``{"epochs": [...], "values": {metric: [...]}}``; NaN is stored as None (strict JSON)."""
