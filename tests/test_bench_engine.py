@@ -9,7 +9,8 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "engine.py"
 ROW = re.compile(r"^\| (?P<model>[^|]+) \| (?P<who>hand loop|tractrain) \| (?P<iters>\d+) \| "
-                 r"(?P<secs>[0-9.e+-]+) \|(?P<overhead>[^|]*)\|(?P<verdict>[^|]*)\|$")
+                 r"(?P<secs>[0-9.e+-]+) \|(?P<overhead>[^|]*)\|(?P<verdict>[^|]*)\| "
+                 r"(?P<cpu>[0-9.e+-]+) \|(?P<cpu_overhead>[^|]*)\|$")
 
 
 def test_quick_benchmark_prints_table_and_equal_weights():
