@@ -5,11 +5,16 @@ subject's volume is read on first use and kept in a byte-budget LRU cache; strea
 offsets/lengths are read once per subject; points of many streamlines are gathered in one
 vectorised read. Non-lazy mode loads everything up front. A `Store` reopens its zarr handles
 in each process, so one opened in a parent works in forked or spawned DataLoader workers.
+
+A store is a local folder, a ``.zip`` of one (zarr ``ZipStore``, read-only; e.g. on shared
+storage: one file instead of thousands of chunks) or any fsspec URL zarr can open
+(``s3://...``, ``gs://...``, ``https://...``; ``storage_options`` go to fsspec).
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,23 +53,51 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def open_store(
-    path: str | os.PathLike, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES
+    path: str | os.PathLike, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+    storage_options: dict | None = None,
 ) -> Store:
     """Open the store at ``path`` read-only; raise `StoreError` if it is not a valid v1 store.
 
     Args:
-        path: folder of the store (``*.zarr``).
+        path: folder of the store (``*.zarr``), a ``.zip`` of it, or an fsspec URL.
         lazy: read volumes on first use (kept under ``cache_bytes``) instead of up front.
         cache_bytes: byte budget of the lazy volume cache (None: unbounded).
+        storage_options: fsspec options for a URL (credentials, endpoint, ...).
     """
-    return Store(path, lazy=lazy, cache_bytes=cache_bytes)
+    return Store(path, lazy=lazy, cache_bytes=cache_bytes, storage_options=storage_options)
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for an fsspec URL such as ``s3://bucket/x.zarr`` (not for a local path)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def is_zip(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".zip")
+
+
+def _zip_prefix(path: str) -> str | None:
+    """Folder inside the zip holding the store: None when ``zarr.json`` is at the top (zip of
+    the store's contents), else the one top-level folder that has it (``zip -r x.zip
+    store.zarr``)."""
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+    if "zarr.json" in names:
+        return None
+    tops = sorted({n.split("/")[0] for n in names if n.count("/") == 1
+                   and n.endswith("/zarr.json")})
+    return tops[0] if len(tops) == 1 else None
 
 
 class Store:
     """A validated, read-only multisubject store. Build it with `open_store`."""
 
-    def __init__(self, path, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES):
-        self.path = str(Path(path))
+    def __init__(self, path, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+                 storage_options: dict | None = None):
+        if isinstance(path, str) and path.startswith("file://"):
+            path = path[len("file://"):]
+        self.path = path if is_url(path) else str(Path(path))
+        self.storage_options = storage_options
         self.lazy = lazy
         self.cache_bytes = cache_bytes
         self._pid = None
@@ -91,10 +124,18 @@ class Store:
 
     def _root(self) -> zarr.Group:
         if self._group is None or self._pid != os.getpid():
-            self._group = zarr.open_group(self.path, mode="r")
+            self._group = self._open_group()
             self._pid = os.getpid()
             self._arrays = {}
         return self._group
+
+    def _open_group(self) -> zarr.Group:
+        if is_url(self.path):
+            return zarr.open_group(self.path, mode="r", storage_options=self.storage_options)
+        if is_zip(self.path):
+            return zarr.open_group(zarr.storage.ZipStore(self.path, mode="r"), mode="r",
+                                   path=_zip_prefix(self.path))
+        return zarr.open_group(self.path, mode="r")
 
     def _array(self, *keys: str) -> zarr.Array:
         if self._pid != os.getpid():
@@ -113,12 +154,16 @@ class Store:
 
     # -- validation ------------------------------------------------------------------------
     def _read_root_attrs(self) -> dict:
-        if not Path(self.path).is_dir():
+        if is_zip(self.path) and not is_url(self.path):
+            if not zipfile.is_zipfile(self.path):
+                raise StoreError(f"{self.path}: no such store (expected a zip file of a folder "
+                                 "written by tractrain-build-store)")
+        elif not is_url(self.path) and not Path(self.path).is_dir():
             raise StoreError(f"{self.path}: no such store (expected a folder written by "
                              "tractrain-build-store)")
         try:
             return self._root().attrs.asdict()
-        except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as err:
             raise StoreError(f"{self.path}: not a tractrain store (no zarr group: {err})") from None
 
     def _validate_subjects(self) -> None:
