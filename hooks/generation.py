@@ -95,8 +95,8 @@ class GenerationValidation:
                               f"split (have {sorted(k for k, v in store.splits.items() if v)})")
         self.model, self.store, self.group, self.inputs = model, store, group, inputs
         self.every, self.n_streamlines, self.seed_points = every, n_streamlines, seed_points
-        self.step_mm, self.max_length_mm, self.within_mm = float(step_mm), max_length_mm, \
-            float(within_mm)
+        self.step_mm, self.within_mm = float(step_mm), float(within_mm)
+        self.max_length_mm = max_length_mm
         self.split, self.seed, self.max_angle_deg = split, int(seed), max_angle_deg
         self.device, self.mask_group = device, mask_group
         self.selection: list[tuple[str, np.ndarray]] | None = None
@@ -201,6 +201,6 @@ class GenerationValidation:
                 self.selection = [(str(s), np.asarray(ids, dtype=np.int64))
                                   for s, ids in selection]
             except (TypeError, ValueError) as err:
-                raise CheckpointError(f"GenerationValidation state: bad selection ({err})") \
-                    from None
+                message = f"GenerationValidation state: bad selection ({err})"
+                raise CheckpointError(message) from None
         self.last = None if state.get("last") is None else dict(state["last"])
