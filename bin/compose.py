@@ -150,11 +150,28 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         max_epochs=config["max_epochs"], device=device, amp=config["amp"],
         clip_grad_norm=config["clip_grad_norm"], lr_schedule=config["lr"],
         nan_policy=config["nan_policy"], patience=config["patience"],
-        min_delta=config["min_delta"], monitor=config["monitor"], config=config,
+        min_delta=config["min_delta"], monitor=config["monitor"],
+        monitor_mode=config.get("monitor_mode", "min"), config=config,
+        producers=generation_hooks(config, model, store, group, inputs, device),
         model_config={**model_config, "factory": config["model"]}, comet=comet,
         progress=config["progress"], checkpoint_every=config["checkpoint_every"],
         resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
     )
+
+
+def generation_hooks(config: dict, model, store, group: str, inputs, device) -> tuple:
+    """The generation-validation producer when ``gen_every`` is set (needs a valid split)."""
+    if not config.get("gen_every"):
+        return ()
+    if not store.splits.get("valid"):
+        raise ConfigError("--gen-every: the store has no validation subjects to track from")
+    from tractrain.hooks.generation import GenerationValidation
+
+    return (GenerationValidation(model, store, group, inputs, every=config["gen_every"],
+                                 n_streamlines=config.get("gen_streamlines", 100),
+                                 within_mm=config.get("gen_within_mm", 5.0),
+                                 step_mm=config["step_size"] or 1.0, seed=config["seed"],
+                                 device=device),)
 
 
 def write_plot(exp_dir: Path) -> Path | None:

@@ -67,6 +67,13 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "min_delta": (0.0, float, "smallest decrease that counts as an improvement"),
     "monitor": (None, str, "metric for best model/patience (default: valid_loss, else "
                            "train_loss)"),
+    "monitor_mode": ("min", str, "min | max: whether a lower or higher monitored value is "
+                                 "better"),
+    "gen_every": (None, int, "track from validation seeds every N epochs and log "
+                             "gen_endpoint_dist, gen_within, gen_length (default: off)"),
+    "gen_streamlines": (100, int, "validation streamlines tracked by the generation check"),
+    "gen_within_mm": (5.0, float, "an end within this distance (mm) of the reference counts "
+                                  "in gen_within"),
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
     "amp": (False, bool, "automatic mixed precision (CUDA only)"),
     "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
@@ -86,7 +93,8 @@ SECTIONS = {
                "noise_truncation", "volume_group", "neighborhood", "radius_mm", "resolution_mm",
                "outside", "interpolate", "num_workers", "lazy", "cache_gb"),
     "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
-                               "nan_policy", "patience", "min_delta", "monitor", "device", "amp",
+                               "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
+                               "gen_every", "gen_streamlines", "gen_within_mm", "device", "amp",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
                                "progress"),
 }

@@ -47,6 +47,8 @@ def train_and_validate(
     patience: int | None = None,
     min_delta: float = 0.0,
     monitor: str | None = None,
+    monitor_mode: str = "min",
+    producers: tuple = (),
     config: dict | None = None,
     model_config: dict | None = None,
     comet: dict | None = None,
@@ -91,9 +93,14 @@ def train_and_validate(
         evaluator = create_evaluator(net, loss_fn, device=device, amp=amp,
                                      prepare_batch=prepare_batch)
         Validation(evaluator, valid_loader).attach(trainer)
-    best = objects["best_model"] = BestModel(exp_dir, net, model_config, metric=monitor)
+    for i, producer in enumerate(producers):  # more epoch metrics, e.g. GenerationValidation
+        producer.attach(trainer)
+        objects[f"producer_{i}"] = producer
+    best = objects["best_model"] = BestModel(exp_dir, net, model_config, metric=monitor,
+                                                 mode=monitor_mode)
     best.attach(trainer)
-    stopper = objects["patience"] = Patience(patience, min_delta, metric=monitor)
+    stopper = objects["patience"] = Patience(patience, min_delta, metric=monitor,
+                                                     mode=monitor_mode)
     stopper.attach(trainer)
     logs = objects["logs"] = NpyLogs(exp_dir)
     logs.attach(trainer)

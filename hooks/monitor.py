@@ -24,6 +24,9 @@ PRODUCERS = {
     "unclipped_grad_norm": "the GradNorm hook (tractrain.hooks.grad_norm)",
     "epoch_time": "the Timing hook (tractrain.hooks.timing)",
     "data_wait_share": "the Timing hook (tractrain.hooks.timing)",
+    "gen_endpoint_dist": "the GenerationValidation hook (tractrain.hooks.generation)",
+    "gen_within": "the GenerationValidation hook (tractrain.hooks.generation)",
+    "gen_length": "the GenerationValidation hook (tractrain.hooks.generation)",
 }
 
 MODES = ("min", "max")
