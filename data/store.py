@@ -13,6 +13,7 @@ storage: one file instead of thousands of chunks) or any fsspec URL zarr can ope
 
 from __future__ import annotations
 
+import ctypes
 import os
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +27,28 @@ from tractrain.data.errors import StoreError
 from tractrain.data.format import STREAMLINE_ARRAYS, check_root_attrs
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
+MMAP_THRESHOLD = 4 * 2**20  # volumes (and any array) from this size are mmapped by glibc
+_pinned_pid: int | None = None
+
+
+def pin_mmap_threshold() -> None:
+    """Make glibc serve allocations >= `MMAP_THRESHOLD` by mmap, given back when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) after the first large free; from then on
+    volumes come from the heap, and each evicted volume leaves fragmented heap behind, so
+    peak RSS grows with the number of volumes read instead of staying within the cache
+    budget. Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``) stops that. Once per
+    process; no-op off glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set.
+    """
+    global _pinned_pid
+    if _pinned_pid == os.getpid() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _pinned_pid = os.getpid()
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -124,6 +147,8 @@ class Store:
 
     def _root(self) -> zarr.Group:
         if self._group is None or self._pid != os.getpid():
+            if self.lazy and self.cache_bytes is not None:
+                pin_mmap_threshold()  # keeps peak RSS within the cache budget
             self._group = self._open_group()
             self._pid = os.getpid()
             self._arrays = {}
