@@ -32,8 +32,11 @@ def _row(config, lazy, workers, streamlines_per_s):
 
 def test_verdicts_follow_the_targets():
     bench = _load_bench()
-    rows = [_row("b", True, 0, 2100.0), _row("b", True, 2, 9000.0), _row("c", True, 0, 1900.0)]
-    naive = {"b": {"streamlines_per_s": 100.0}, "c": {"streamlines_per_s": 100.0}}
+    rows = [_row("b", True, 0, 2100.0), _row("b", True, 2, 9000.0), _row("b", False, 0, 900.0),
+            _row("c", True, 0, 1900.0)]
+    naive = [{"config": "b", "lazy": True, "streamlines_per_s": 100.0},
+             {"config": "b", "lazy": False, "streamlines_per_s": 30.0},
+             {"config": "c", "lazy": True, "streamlines_per_s": 100.0}]
     bare = {
         "float32": {"ratio": 1.4, "interp_s": 1.4, "bare_s": 1.0, "interpolated_points": 7000,
                     "features": 45, "bare_points_per_s": 7000.0},
@@ -41,13 +44,15 @@ def test_verdicts_follow_the_targets():
                     "features": 45, "bare_points_per_s": 7000.0},
     }
     lines = bench.ratio_lines(rows, naive, bare)
-    # one line per 0-worker row of (b) and (c); workers=2 rows are not compared with the naive
-    assert len(lines) == 4
+    # one line per naive result, against the 0-worker row of the same config and laziness
+    assert len(lines) == 5
     assert lines[0].startswith("(b) lazy=True workers=0") and "21.0x" in lines[0]
     assert lines[0].endswith("PASS")
-    assert lines[1].startswith("(c)") and "19.0x" in lines[1] and lines[1].endswith("MISS")
-    assert lines[2].startswith("(d) ") and lines[2].endswith("PASS")
-    assert lines[3].startswith("(d16) ") and lines[3].endswith("MISS")
+    assert lines[1].startswith("(b) lazy=False workers=0") and "30.0x" in lines[1]
+    assert lines[1].endswith("PASS")
+    assert lines[2].startswith("(c)") and "19.0x" in lines[2] and lines[2].endswith("MISS")
+    assert lines[3].startswith("(d) ") and lines[3].endswith("PASS")
+    assert lines[4].startswith("(d16) ") and lines[4].endswith("MISS")
     table = bench.format_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
     assert "| b (resample 1 mm) | float32 | True | 2 | 9,000 | 450,000 | 300 | 280 |" in table[3]
@@ -68,8 +73,8 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert len(rows) == 5 * 2 * 2  # configurations x lazy x workers
     for name in ("b", "c"):
         for lazy in (True, False):
-            assert re.search(rf"^\({name}\) lazy={lazy} workers=0 vs naive loader: [0-9.]+x .* "
-                             r"(PASS|MISS)$", text, re.M)
+            assert re.search(rf"^\({name}\) lazy={lazy} workers=0 vs naive loader .*: "
+                             r"[0-9.]+x .* (PASS|MISS)$", text, re.M)
     for name in ("d", "d16"):
         assert re.search(rf"^\({name}\) interpolation / bare gather, float(32|16): [0-9.]+x .* "
                          r"(PASS|MISS)$", text, re.M)
@@ -93,11 +98,12 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
             assert loader[("c", lazy, workers)]["points"] == resampled
             assert loader[("d", lazy, workers)]["points"] == resampled
             assert loader[("d16", lazy, workers)]["points"] == resampled
-    # the naive baseline did the same work on the same batches as the 0-worker loader
-    naive_b = results["naive"]["b"]
-    assert naive_b["batches"] == batches
-    assert naive_b["points"] == loader[("b", True, 0)]["points"]
-    assert results["naive"]["c"]["points"] == naive_b["points"]
+    # the naive baselines did the same work on the same batches as the 0-worker loader
+    naive = {(r["config"], r["lazy"]): r for r in results["naive"]}
+    assert set(naive) == {(name, lazy) for name in ("b", "c") for lazy in (True, False)}
+    for r in naive.values():
+        assert r["batches"] == batches
+        assert r["points"] == loader[("b", True, 0)]["points"]
     for dtype in ("float32", "float16"):
         bare = results["bare_gather"][dtype]
         assert bare["interpolated_points"] == 7 * bare["points"]  # 7-point neighbourhood
