@@ -90,15 +90,17 @@ def run(
     """Call ``main(args)`` and turn user-facing errors into one line on stderr.
 
     Returns ``main``'s status (``None`` -> 0). A `TractrainError`, `FileNotFoundError`,
-    `FileExistsError` or `PermissionError` prints ``<prog>: error: <message>`` and returns 2,
-    unless ``args.debug`` is set (then it propagates with its traceback). Any other `OSError`
-    (a write failing with ENOSPC, EIO, ...) prints one line naming the file and the OS error and
-    returns 1: the environment failed, not the input. Ctrl-C returns 130.
+    `FileExistsError`, `PermissionError`, `NotADirectoryError` or `IsADirectoryError` prints
+    ``<prog>: error: <message>`` and returns 2, unless ``args.debug`` is set (then it
+    propagates with its traceback). Any other `OSError` (a write failing with ENOSPC, EIO, ...)
+    prints one line naming the file and the OS error and returns 1: the environment failed,
+    not the input. Ctrl-C returns 130.
     """
     prog = prog or _last_prog or os.path.basename(sys.argv[0]) or "tractrain"
     try:
         status = main(args)
-    except (TractrainError, FileNotFoundError, FileExistsError, PermissionError) as e:
+    except (TractrainError, FileNotFoundError, FileExistsError, PermissionError,
+            NotADirectoryError, IsADirectoryError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"{prog}: error: {one_line(_describe(e))}", file=sys.stderr)

@@ -42,9 +42,9 @@ def load_experiment_config(exp_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{exp_dir}: not a tractrain experiment (no config.json)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: unreadable (not JSON)") from None
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8 or not JSON
+        raise CheckpointError(f"{path}: unreadable (not UTF-8 JSON)") from None
 
 
 def resume(args: argparse.Namespace) -> int:

@@ -58,7 +58,9 @@ def load_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} "
                           f"column {err.colno})") from None
@@ -93,7 +95,8 @@ def validate_config(config, where: str = "config") -> dict:
         files = group.get("files")
         if isinstance(files, str):
             group["files"] = files = [files]
-        if not files or not all(isinstance(f, str) for f in files):
+        if not isinstance(files, list) or not files or not all(
+                isinstance(f, str) for f in files):
             raise ConfigError(f"{at}.files: expected a non-empty list of file patterns")
         if kind == "volume":
             mode = group.setdefault("standardization", "none")
@@ -145,14 +148,22 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _nifti(path: Path, read: bool = True):
+    """``(image, float32 data or None)``; ConfigError for an unreadable or truncated file."""
     try:
         img = nib.load(str(path))
-    except Exception as err:  # nibabel raises many types for unreadable files
-        raise ConfigError(f"{path}: cannot read as NIfTI ({err})") from None
-    if img.ndim not in (3, 4):
-        raise ConfigError(f"{path}: expected a 3-D or 4-D volume, got {img.ndim}-D")
-    data = np.asarray(img.dataobj, dtype=np.float32)
+        if img.ndim not in (3, 4):
+            raise ConfigError(f"{path}: expected a 3-D or 4-D volume, got {img.ndim}-D")
+        return img, (np.asarray(img.dataobj, dtype=np.float32) if read else None)
+    except ConfigError:
+        raise
+    except Exception as err:  # nibabel, gzip and numpy raise many types for bad files
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{path}: cannot read as NIfTI ({message})") from None
+
+
+def _load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img, data = _nifti(path)
     if data.ndim == 3:
         data = data[..., None]
     if data.size == 0:
@@ -234,10 +245,13 @@ def _load_tractogram(path: Path, reference: Path | None):
     if suffix == ".tck" and reference is None:
         raise ConfigError(f"{path}: a .tck file needs a 'reference' volume in its group "
                           "(TCK has no voxel grid)")
+    if suffix == ".trk" and path.read_bytes()[:6] != b"TRACK\0":
+        raise ConfigError(f"{path}: not a TrackVis file (magic number is not 'TRACK')")
     try:
         tractogram = nib.streamlines.load(str(path)).tractogram
     except Exception as err:  # nibabel raises many types for unreadable files
-        raise ConfigError(f"{path}: cannot read as a tractogram ({err})") from None
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{path}: cannot read as a tractogram ({message[:200]})") from None
     dps = {k: np.asarray(v) for k, v in tractogram.data_per_streamline.items()}
     return tractogram.streamlines, dps
 
@@ -249,6 +263,19 @@ def _flat(streamlines) -> tuple[np.ndarray, np.ndarray]:
     data = getattr(streamlines, "get_data", None)
     points = data() if data is not None else np.concatenate(list(streamlines))
     return np.asarray(points, dtype=np.float32).reshape(-1, 3), lengths
+
+
+def _check_streamlines(path: Path, points: np.ndarray, lengths: np.ndarray) -> None:
+    """ConfigError for a streamline with fewer than 2 points or a NaN/inf coordinate."""
+    short = np.flatnonzero(lengths < 2)
+    if short.size:
+        raise ConfigError(f"{path}: {short.size} streamline(s) with fewer than 2 points "
+                          f"(first: streamline {short[0]}, {lengths[short[0]]} point)")
+    bad = ~np.isfinite(points).all(axis=1)
+    if bad.any():
+        first = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(bad)[0], side="right"))
+        raise ConfigError(f"{path}: {int(bad.sum())} point(s) with NaN/inf coordinates "
+                          f"(first in streamline {first})")
 
 
 def lengths_mm(points: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -275,6 +302,7 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
             points, lengths = _flat(streamlines)
             if lengths.size == 0 or points.shape[0] == 0:
                 raise ConfigError(f"{path}: empty tractogram (no streamlines)")
+            _check_streamlines(path, points, lengths)
             if path.suffix.lower() == ".trk" and header_affine is None:
                 hdr = nib.streamlines.load(str(path), lazy_load=True).header
                 header_affine = np.asarray(hdr["voxel_to_rasmm"], dtype=np.float64)
@@ -294,7 +322,7 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
         else:
             points, lengths = augment.compress(points, lengths, float(group["compress"]), unit)
     if reference is not None:
-        ref = nib.load(str(reference))
+        ref, _ = _nifti(reference, read=False)
         affine, dims = ref.affine, [int(d) for d in ref.shape[:3]]
     elif header_affine is not None:
         affine, dims = header_affine, header_dims

@@ -5,6 +5,8 @@ See docs/store-format.md for the layout.
 
 from __future__ import annotations
 
+import numpy as np
+
 from tractrain.data.errors import StoreError
 
 FORMAT_NAME = "tractrain-store"
@@ -39,3 +41,27 @@ def check_root_attrs(attrs: dict, path: str) -> None:
         unknown = sorted(set(ids) - subjects)
         if unknown:
             raise StoreError(f"{path}: split {name!r} lists subjects {unknown} not in 'subjects'")
+
+
+def check_streamline_index(where: str, offsets, lengths, n_points: int) -> None:
+    """Raise `StoreError` unless ``offsets`` (S+1,) and ``lengths`` (S,) describe ``n_points``
+    points: offsets start at 0, step by the lengths (>= 1) and end at ``n_points``."""
+    if offsets.shape != (lengths.shape[0] + 1,) or offsets[0] != 0:
+        raise StoreError(f"{where}: offsets must have one more entry than lengths "
+                         f"({lengths.shape[0]}) and start at 0")
+    bad = np.flatnonzero((np.diff(offsets) != lengths) | (lengths < 1))
+    if bad.size:
+        raise StoreError(f"{where}: offsets and lengths disagree at streamline {bad[0]} "
+                         f"({bad.size} streamlines; offsets {offsets[bad[0]]}->"
+                         f"{offsets[bad[0] + 1]}, lengths {lengths[bad[0]]})")
+    if offsets[-1] != n_points:
+        raise StoreError(f"{where}: offsets end at {offsets[-1]} but points has {n_points} "
+                         "points")
+
+
+def check_chunks(where: str, arrays: dict) -> None:
+    """Raise `StoreError` if any of ``{name: zarr array}`` lacks a chunk (deleted, lost)."""
+    for name, arr in arrays.items():
+        if arr.nchunks_initialized < arr.nchunks:
+            raise StoreError(f"{where}/{name}: {arr.nchunks - arr.nchunks_initialized} of "
+                             f"{arr.nchunks} chunks missing (store damaged; rebuild it)")

@@ -24,7 +24,12 @@ import zarr
 
 from tractrain.data.cache import ByteLRU
 from tractrain.data.errors import StoreError
-from tractrain.data.format import STREAMLINE_ARRAYS, check_root_attrs
+from tractrain.data.format import (
+    STREAMLINE_ARRAYS,
+    check_chunks,
+    check_root_attrs,
+    check_streamline_index,
+)
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 MMAP_THRESHOLD = 4 * 2**20  # volumes (and any array) from this size are mmapped by glibc
@@ -246,12 +251,16 @@ class Store:
         key = (subject, group)
         if key not in self._indexes:
             self._check(subject, group, self.streamline_groups)
-            self._indexes[key] = StreamlineIndex(
-                offsets=np.asarray(self._array(subject, group, "offsets")[...], dtype=np.int64),
-                lengths=np.asarray(self._array(subject, group, "lengths")[...], dtype=np.int64),
-                lengths_mm=np.asarray(self._array(subject, group, "lengths_mm")[...],
-                                      dtype=np.float32),
+            arrays = {k: self._array(subject, group, k) for k in STREAMLINE_ARRAYS}
+            where = f"{self.path}: {subject}/{group}"
+            check_chunks(where, arrays)  # a lost chunk would read as zeros
+            index = StreamlineIndex(
+                offsets=np.asarray(arrays["offsets"][...], dtype=np.int64),
+                lengths=np.asarray(arrays["lengths"][...], dtype=np.int64),
+                lengths_mm=np.asarray(arrays["lengths_mm"][...], dtype=np.float32),
             )
+            check_streamline_index(where, index.offsets, index.lengths, arrays["points"].shape[0])
+            self._indexes[key] = index
         return self._indexes[key]
 
     def gather(self, subject: str, group: str, ids) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,8 @@ import io
 import json
 import math
 import os
+import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -166,8 +168,14 @@ class BestModel:
         if folder is None:
             raise CheckpointError(f"{base}: no complete best model (expected model.pt there)")
         try:
-            weights = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about the pickle protocol
+                weights = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
             config = json.loads((folder / "config.json").read_text())
-        except (OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{folder}: cannot read best model: {e}") from e
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointError(f"{folder / 'model.pt'}: refused: not a plain tensor file "
+                                  f"(weights_only load failed: {first})") from None
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{folder / 'model.pt'}: expected a dict of tensors")
         return weights, config

@@ -13,6 +13,7 @@ import datetime as _dt
 import io
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -147,7 +148,9 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     meta = read_meta(path)
     state_path = Path(meta["folder"]) / "state.pt"
     try:
-        states = torch.load(state_path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol
+            states = torch.load(state_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing (incomplete checkpoint)") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
