@@ -104,6 +104,18 @@ def is_zip(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".zip")
 
 
+class _ZipStore(zarr.storage.ZipStore):
+    """zarr's ZipStore whose ``list_prefix`` treats the prefix as a folder, like LocalStore
+    (zarr 3.1's matches bare string prefixes: ``a/lengths`` also lists ``a/lengths_mm/...``,
+    which breaks e.g. ``Array.nchunks_initialized``)."""
+
+    async def list_prefix(self, prefix: str):
+        folder = prefix.rstrip("/")
+        async for key in self.list():
+            if not folder or key == folder or key.startswith(folder + "/"):
+                yield key
+
+
 def _zip_prefix(path: str) -> str | None:
     """Folder inside the zip holding the store: None when ``zarr.json`` is at the top (zip of
     the store's contents), else the one top-level folder that has it (``zip -r x.zip
@@ -163,7 +175,7 @@ class Store:
         if is_url(self.path):
             return zarr.open_group(self.path, mode="r", storage_options=self.storage_options)
         if is_zip(self.path):
-            return zarr.open_group(zarr.storage.ZipStore(self.path, mode="r"), mode="r",
+            return zarr.open_group(_ZipStore(self.path, mode="r"), mode="r",
                                    path=_zip_prefix(self.path))
         return zarr.open_group(self.path, mode="r")
 

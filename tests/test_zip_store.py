@@ -131,3 +131,12 @@ def test_zip_validation_errors_match_the_folder(local, tmp_path):
     zipfile.ZipFile(empty, "w").close()
     with pytest.raises(StoreError, match="empty.zip: not a tractrain store"):
         open_store(empty)
+
+
+def test_zip_lists_chunks_per_array(local, zipped):
+    """``lengths`` must not also count ``lengths_mm``'s chunks (zarr's ZipStore prefix bug)."""
+    store = open_store(zipped)
+    subject = store.subjects[0]
+    for name in ("lengths", "lengths_mm", "offsets", "points"):
+        arr, ref = store._array(subject, "bundles", name), local._array(subject, "bundles", name)
+        assert arr.nchunks_initialized == ref.nchunks_initialized == arr.nchunks
