@@ -20,6 +20,7 @@ from tractrain.data.interpolation import InputConfig, num_input_features
 from tractrain.data.loader import DeviceInputs
 from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
 from tractrain.data.store import open_store
+from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
 from tractrain.engine.train import train_and_validate
 from tractrain.hooks.atomic import atomic_write_bytes
@@ -68,7 +69,9 @@ def open_run_store(config: dict):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and get_world_size() > 1:
+        name = f"cuda:{local_rank()}"  # one GPU per process
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -101,9 +104,11 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
                           f"groups {sorted(store.volume_groups)}")
     sampling = {"batch_size": config["batch_size"], "units": config["batch_units"],
                 "subjects_per_batch": config["subjects_per_batch"], "cycles": config["cycles"]}
+    rank, world = get_rank(), get_world_size()
     train_sampler = BatchSampler(
         split_index(store, "train", group),
-        SamplerConfig(**sampling, max_batches=config["max_batches_train"]), seed=config["seed"])
+        SamplerConfig(**sampling, max_batches=config["max_batches_train"]), seed=config["seed"],
+        rank=rank, world_size=world, drop_uneven=world > 1)
     augment = AugmentConfig(step_size=config["step_size"], compress=config["compress"],
                             split_ratio=config["split_ratio"],
                             reverse_ratio=config["reverse_ratio"], noise_mm=config["noise_mm"],
@@ -122,7 +127,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         valid_sampler = BatchSampler(
             split_index(store, "valid", group),
             SamplerConfig(**sampling, max_batches=config["max_batches_valid"]),
-            seed=config["seed"], shuffle=False)
+            seed=config["seed"], shuffle=False, rank=rank, world_size=world)
         valid_loader = make_dataloader(store, valid_sampler, augment=augment.deterministic(),
                                        **feeding)
     first = store.splits["train"][0]

@@ -74,6 +74,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "gen_streamlines": (100, int, "validation streamlines tracked by the generation check"),
     "gen_within_mm": (5.0, float, "an end within this distance (mm) of the reference counts "
                                   "in gen_within"),
+    "nproc_per_node": (1, int, "processes for distributed data-parallel training (gloo on "
+                               "CPU, nccl on GPU; or start tractrain-train under torchrun)"),
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
     "amp": (False, bool, "automatic mixed precision (CUDA only)"),
     "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
@@ -94,7 +96,8 @@ SECTIONS = {
                "outside", "interpolate", "num_workers", "lazy", "cache_gb"),
     "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
                                "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
-                               "gen_every", "gen_streamlines", "gen_within_mm", "device", "amp",
+                               "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
+                               "device", "amp",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
                                "progress"),
 }

@@ -72,11 +72,32 @@ def preflight(config: dict) -> None:
         raise FileNotFoundError(f"--store {config['store']}: no such store")
 
 
-def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog: str) -> int:
-    """Train (or resume), then plot and print the summary; a NaN stop is one line, status 1."""
+def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool) -> None:
+    """One process of a distributed run; rank 0 prints the summary."""
     from tractrain.bin.compose import run_training
+    from tractrain.engine.distributed import is_main
+
+    trainer = run_training(config, Path(exp_dir), resume=resume)
+    if is_main():
+        finish(trainer, Path(exp_dir))
+
+
+def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog: str) -> int:
+    """Train (or resume), then plot and print the summary; a NaN stop is one line, status 1.
+
+    With ``nproc_per_node > 1`` (or under torchrun) every rank runs `run_training` through
+    ``ignite.distributed``; the demo store is built once here first.
+    """
+    from tractrain.bin.compose import open_run_store, resolve_device, run_training
+    from tractrain.engine.distributed import default_backend, launched_by_torchrun, run_distributed
     from tractrain.engine.trainer import NonFiniteError
 
+    nproc = int(config.get("nproc_per_node") or 1)
+    if nproc > 1 or launched_by_torchrun():
+        open_run_store(config)  # build and cache the demo store before the ranks start
+        backend = default_backend(resolve_device(config["device"]))
+        run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume))
+        return 0
     try:
         trainer = run_training(config, exp_dir, resume=resume)
     except NonFiniteError as err:

@@ -34,6 +34,11 @@ def get_world_size() -> int:
     return idist.get_world_size()
 
 
+def local_rank() -> int:
+    """Rank of this process on its node (0 without distribution): its GPU index."""
+    return int(idist.get_local_rank())
+
+
 def is_main() -> bool:
     """True on the rank that writes files, prints and logs (rank 0)."""
     return idist.get_rank() == 0

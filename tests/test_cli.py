@@ -127,3 +127,14 @@ def test_demo_defaults_run_and_validation_loss_falls(tmp_path):
         assert line in done.stdout
     valid = read_logs(exp)["valid_loss"]
     assert valid[-1] < valid[0]
+
+
+def test_two_process_training_and_resume_from_the_command_line(base, tmp_path):
+    exp = tmp_path / "exps" / "ddp"
+    first = cli("train", *base, "--name", "ddp", "--max-epochs", "1", "--nproc-per-node", "2")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("best model:") == 1  # rank 0 reports, once
+    resumed = cli("resume", exp, "--max-epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    logs = read_logs(exp)
+    assert len(logs["train_loss"]) == 2 and np.isfinite(logs["valid_loss"]).all()

@@ -191,7 +191,8 @@ def test_best_model_missing_metric_message(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert "BestModel" in message and "'valid_loss'" in message
-    assert "['train_loss']" in message and "Validation hook before BestModel" in message
+    assert "['train_loss']" in message
+    assert "Validation hook (tractrain.hooks.validation) before BestModel" in message
     assert not (tmp_path / "best_model").exists()
 
 
