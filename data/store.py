@@ -160,6 +160,7 @@ class Store:
         self._arrays: dict[tuple, zarr.Array] = {}
         self._indexes: dict[tuple, StreamlineIndex] = {}
         self._points: dict[tuple, np.ndarray] = {}
+        self._infos: dict[tuple, dict] = {}
         self._volumes = ByteLRU(self.cache_bytes if self.lazy else None)
 
     def _root(self) -> zarr.Group:
@@ -288,9 +289,14 @@ class Store:
         starts, lengths = index.offsets[ids], index.lengths[ids]
         if not self.lazy or (subject, group) in self._points:
             return self._points[(subject, group)][expand_ranges(starts, lengths)], lengths
+        array = self._array(subject, group, "points")
+        if self.cache_bytes is None or array.nbytes <= self.cache_bytes // 4:
+            # small enough: read the subject's points once, keep them under the byte budget
+            points = self._volumes.get((subject, group, "points"), lambda: array[...])
+            return points[expand_ranges(starts, lengths)], lengths
         order = np.argsort(starts, kind="stable")
         sorted_lengths = lengths[order]
-        data = self._array(subject, group, "points").oindex[
+        data = array.oindex[
             expand_ranges(starts[order], sorted_lengths)
         ]
         if np.all(order[1:] > order[:-1]):  # ids were already in storage order
@@ -313,21 +319,27 @@ class Store:
 
     def volume_info(self, subject: str, group: str) -> dict:
         """Affine, voxel sizes, feature names, shape and standardization of a volume."""
-        self._check(subject, group, self.volume_groups)
-        arr = self._array(subject, group)
-        info = arr.attrs.asdict()
-        info["affine"] = np.asarray(info["affine"], dtype=np.float64)
-        info["voxel_sizes"] = np.asarray(info["voxel_sizes"], dtype=np.float64)
-        info["shape"] = tuple(arr.shape)
-        return info
+        key = ("volume", subject, group)
+        if key not in self._infos:  # read-only store: read the attributes once
+            self._check(subject, group, self.volume_groups)
+            arr = self._array(subject, group)
+            info = arr.attrs.asdict()
+            info["affine"] = np.asarray(info["affine"], dtype=np.float64)
+            info["voxel_sizes"] = np.asarray(info["voxel_sizes"], dtype=np.float64)
+            info["shape"] = tuple(arr.shape)
+            self._infos[key] = info
+        return dict(self._infos[key])
 
     def streamline_info(self, subject: str, group: str) -> dict:
         """Affine and voxel sizes of the space the streamlines' voxel coordinates refer to."""
-        self._check(subject, group, self.streamline_groups)
-        info = self._root()[f"{subject}/{group}"].attrs.asdict()
-        info["affine"] = np.asarray(info["affine"], dtype=np.float64)
-        info["voxel_sizes"] = np.asarray(info["voxel_sizes"], dtype=np.float64)
-        return info
+        key = ("streamlines", subject, group)
+        if key not in self._infos:
+            self._check(subject, group, self.streamline_groups)
+            info = self._root()[f"{subject}/{group}"].attrs.asdict()
+            info["affine"] = np.asarray(info["affine"], dtype=np.float64)
+            info["voxel_sizes"] = np.asarray(info["voxel_sizes"], dtype=np.float64)
+            self._infos[key] = info
+        return dict(self._infos[key])
 
     @property
     def cache(self) -> ByteLRU:

@@ -296,3 +296,24 @@ def test_cuda_matches_cpu():
         gpu = interpolate_inputs(vol.to(dtype).cuda(), pts.cuda(), config, (1.0, 1.0, 1.0))
         assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
+
+
+def test_blockwise_cpu_path_equals_one_block_and_scipy(monkeypatch):
+    from scipy import ndimage
+
+    from tractrain.data import interpolation
+
+    rng = np.random.default_rng(4)
+    volume = torch.from_numpy(rng.normal(size=(6, 7, 5, 3)).astype(np.float32))
+    points = torch.from_numpy(rng.uniform(-1.0, 7.0, size=(23, 3)).astype(np.float32))
+    whole = interpolation.interpolate(volume, points, "zeros")
+    monkeypatch.setattr(interpolation, "BLOCK_POINTS", 5)  # 5 blocks, the last one partial
+    blocks = interpolation.interpolate(volume, points, "zeros")
+    assert torch.equal(whole, blocks)
+    for f in range(3):
+        ref = ndimage.map_coordinates(volume[..., f].numpy(), points.numpy().T, order=1,
+                                      mode="grid-constant", cval=0.0)
+        np.testing.assert_allclose(blocks[:, f].numpy(), ref, atol=1e-5)
+    half = interpolation.interpolate(volume.half(), points, "clamp")
+    np.testing.assert_allclose(half.numpy(), interpolation.interpolate(
+        volume.half().float(), points, "clamp").numpy(), atol=1e-6)

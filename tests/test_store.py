@@ -115,9 +115,10 @@ def test_round_trip(built):
         np.testing.assert_allclose(index.lengths_mm[ids], mm, rtol=1e-5)
 
 
-def test_lazy_and_eager_agree(built):
+@pytest.mark.parametrize("budget", [None, 64])  # points cached, or read per batch (oindex)
+def test_lazy_and_eager_agree(built, budget):
     path, _ = built
-    lazy, eager = open_store(path, lazy=True), open_store(path, lazy=False)
+    lazy, eager = open_store(path, lazy=True, cache_bytes=budget), open_store(path, lazy=False)
     rng = np.random.default_rng(1)
     for subject in lazy.subjects:
         np.testing.assert_array_equal(lazy.volume(subject, "input"),
