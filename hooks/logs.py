@@ -19,7 +19,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from tractrain.data.errors import CheckpointError, ConfigError
-from tractrain.hooks.atomic import atomic_write_bytes, remove_stale_temps
+from tractrain.hooks.atomic import atomic_write_bytes, fsync_dir, remove_stale_temps
 from tractrain.hooks.monitor import to_float
 
 LOGS_DIR = "logs"
@@ -106,6 +106,9 @@ class NpyLogs:
 
         If a write fails (disk full, I/O error), the files already rewritten get their previous
         content back (best effort) so that all logs keep the same epochs; the error propagates.
+        Files are renamed into place (never half-written, even if the process is killed) but not
+        fsynced one by one: the logs are a mirror of this hook's state, which the (fsynced)
+        checkpoint holds and a resumed run writes again. One folder fsync at the end.
         """
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -126,7 +129,8 @@ class NpyLogs:
             for name, data in files.items():
                 path = self.logs_dir / name
                 previous[name] = path.read_bytes() if path.is_file() else None
-                atomic_write_bytes(path, data)
+                atomic_write_bytes(path, data, durable=False)
+            fsync_dir(self.logs_dir)
         except OSError:
             self._roll_back(previous)
             raise
