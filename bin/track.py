@@ -9,7 +9,6 @@ dimensions, voxel sizes, voxel order).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.resume import load_experiment_config
 from tractrain.data.errors import CheckpointError, ConfigError
 
 SEED_SOURCES = ("mask", "valid-streamlines")
@@ -60,18 +60,6 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--mask-group", dest="mask_group", default=None,
                         help="volume group of the tracking mask (default: non-zero inputs)")
     return parser
-
-
-def read_experiment(exp_dir: Path) -> dict:
-    path = exp_dir / "config.json"
-    if not exp_dir.is_dir():
-        raise CheckpointError(f"{exp_dir}: no such experiment folder")
-    if not path.is_file():
-        raise CheckpointError(f"{exp_dir}: not a tractrain experiment (no config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: unreadable (not JSON)") from None
 
 
 def input_config(config: dict):
@@ -183,7 +171,7 @@ def track_command(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.seed_points < 1:
         raise ConfigError("--seeds and --seed-points: expected integers >= 1")
     exp_dir = Path(args.experiment)
-    config = read_experiment(exp_dir)
+    config = load_experiment_config(exp_dir)
     store_path = args.store or config.get("store")
     if store_path is None:
         raise ConfigError(f"{exp_dir}: trained on the demo store; pass --store PATH")

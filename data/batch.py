@@ -12,6 +12,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 
+def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+    """(B + 1,) int64 starts of flat-packed streamlines of ``lengths``; last entry is M."""
+    zero = torch.zeros(1, dtype=torch.int64, device=lengths.device)
+    return torch.cat([zero, torch.cumsum(lengths, 0)])
+
+
 @dataclass
 class Batch:
     """A batch of streamlines, packed flat, with optional per-point input features.
@@ -43,8 +49,7 @@ class Batch:
     @property
     def offsets(self) -> torch.Tensor:
         """(B + 1,) int64 start of each streamline in ``points``; last entry is M."""
-        zero = torch.zeros(1, dtype=torch.int64, device=self.lengths.device)
-        return torch.cat([zero, torch.cumsum(self.lengths, 0)])
+        return offsets_of(self.lengths)
 
     @property
     def num_points(self) -> int:

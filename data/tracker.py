@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tractrain.data.batch import offsets_of
 from tractrain.data.errors import ConfigError
 from tractrain.data.interpolation import InputConfig, interpolate_inputs
 
@@ -161,8 +162,7 @@ class Tracks:
 
     @property
     def offsets(self) -> torch.Tensor:
-        zero = torch.zeros(1, dtype=torch.int64, device=self.lengths.device)
-        return torch.cat([zero, torch.cumsum(self.lengths, 0)])
+        return offsets_of(self.lengths)
 
     def split(self) -> list[torch.Tensor]:
         """One (L_i, 3) tensor per streamline."""

@@ -18,3 +18,14 @@ def phantom_store(tmp_path_factory):
 
     return demo_store(tmp_path_factory.mktemp("phantom"), n_subjects=4,
                       streamlines_per_subject=200, seed=3)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op torch thread is fastest and immune to a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from tractrain.examples.next_direction import loss_fn, make_model
 N_FEATURES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(streamlines: list[np.ndarray], inputs: list[np.ndarray] | None) -> Batch:

@@ -26,12 +26,7 @@ from tractrain.hooks.logs import NpyLogs, read_logs
 INPUTS = InputConfig("dwi")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def demo_model(store, hidden: int = 16, seed: int = 0) -> torch.nn.Module:

@@ -28,12 +28,7 @@ SHAPE = (40, 30, 20)
 VOXEL_SIZES = (2.0, 1.0, 1.0)  # anisotropic: a 1 mm step is half a voxel along x
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_field(mask: np.ndarray | None = None, n_features: int = 3, seed: int = 0,
