@@ -44,6 +44,7 @@ def train_and_validate(
     clip_grad_norm: float | None = None,
     lr_schedule=None,
     nan_policy: str = "stop",
+    check_every: int | None = None,
     patience: int | None = None,
     min_delta: float = 0.0,
     monitor: str | None = None,
@@ -81,7 +82,7 @@ def train_and_validate(
     model = auto_model(model)  # DDP when distributed, else unchanged
     trainer = create_trainer(model, optimizer, loss_fn, device=device, amp=amp,
                              clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
-                             nan_policy=nan_policy)
+                             nan_policy=nan_policy, check_every=check_every)
     position = SamplerEpochs(sampler).attach(trainer)
     objects: dict = {"model": net, "optimizer": optimizer, "scaler": trainer.scaler,
                      "position": position, "train_loss": trainer.loss_mean}

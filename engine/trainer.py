@@ -58,21 +58,27 @@ class EpochMean:
         self.count = 0.0
         self.skipped = 0
 
-    def update(self, loss: float, n: float) -> None:
+    def update(self, loss: float | torch.Tensor, n: float) -> None:
+        """Add a batch; ``loss`` may be a device tensor (summed there, read once per epoch)."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().double()
         self.total += loss * n
         self.count += n
 
+    def _total(self) -> float:
+        return float(self.total)
+
     def compute(self) -> float:
-        return self.total / self.count if self.count else math.nan
+        return self._total() / self.count if self.count else math.nan
 
     def compute_global(self) -> float:
         """The mean over every rank of a distributed run (all_reduce of the sums; the same as
         `compute` with one process). Every rank must call it."""
-        total, count = all_reduce_sum([self.total, self.count])
+        total, count = all_reduce_sum([self._total(), self.count])
         return total / count if count else math.nan
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "count": self.count, "skipped": self.skipped}
+        return {"total": self._total(), "count": self.count, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self.count = float(state["total"]), float(state["count"])
@@ -100,6 +106,7 @@ def create_trainer(
     amp: bool = False,
     prepare_batch: Callable | None = None,
     nan_policy: str = "stop",
+    check_every: int | None = None,
 ) -> TrainerEngine:
     """Engine that trains ``model`` with ``loss_fn`` on each batch.
 
@@ -111,6 +118,12 @@ def create_trainer(
             (e.g. to interpolate inputs on the GPU).
         nan_policy: ``"stop"`` raises `NonFiniteError` naming the epoch and iteration (the last
             checkpoint is left untouched); ``"skip"`` drops the batch's update.
+        check_every: how often the loss and gradient norm are read on the host to check them.
+            Default: every iteration on CPU (free), every 50 on other devices, so the GPU runs
+            ahead without a host sync per batch: the values stay on the device (first bad
+            iteration recorded there), are checked every N iterations, at the end of the
+            epoch and before any checkpoint (`check_finite`), and the epoch means are read
+            once. ``nan_policy="skip"`` needs a decision per batch, so it checks every one.
     """
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
@@ -122,6 +135,47 @@ def create_trainer(
     params = [p for p in model.parameters() if p.requires_grad]
     prepare = prepare_batch or (lambda batch, dev: batch.to(dev, non_blocking=True))
     mean = EpochMean()
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 50
+    if nan_policy == "skip":
+        check_every = 1
+    if check_every < 1:
+        raise ConfigError(f"check_every: expected >= 1, got {check_every}")
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def deferred_step(engine: Engine, batch) -> dict:
+        """Like `step`, without reading anything on the host (see ``check_every``)."""
+        model.train()
+        batch = prepare(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda") if use_amp else nullcontext():
+            loss, n = loss_fn(model, batch)
+        n = float(n)
+        loss_value = loss.detach()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        unclipped = _grad_norm(params).to(device)
+        bad = ~(torch.isfinite(loss_value) & torch.isfinite(unclipped))
+        first_bad.copy_(torch.where(bad & (first_bad < 0), engine.state.iteration, first_bad))
+        clipped = unclipped
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, unclipped)
+            clipped = unclipped * torch.clamp(clip_grad_norm / (unclipped + 1e-6), max=1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        mean.update(loss_value, n)
+        return {"loss": loss_value, "n": n, "grad_norm": clipped,
+                "unclipped_grad_norm": unclipped}
+
+    def check_finite(engine: Engine | None = None) -> None:
+        """Raise `NonFiniteError` if a batch since the last check had a NaN/inf (one sync)."""
+        bad = int(first_bad)
+        if bad >= 0:
+            first_bad.fill_(-1)
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at iteration {bad} (epoch "
+                f"{trainer.state.epoch}; checked every {check_every} iterations)")
 
     def step(engine: Engine, batch) -> dict:
         model.train()
@@ -165,7 +219,11 @@ def create_trainer(
         return {"loss": nan, "n": 0.0, "grad_norm": nan, "unclipped_grad_norm": nan,
                 "skipped": True}
 
-    trainer = TrainerEngine(step)
+    trainer = TrainerEngine(step if check_every == 1 else deferred_step)
+    trainer.check_finite = check_finite
+    if check_every > 1:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=check_every), check_finite)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, check_finite)
     trainer.model, trainer.optimizer, trainer.scaler = model, optimizer, scaler
     trainer.loss_mean = mean
     trainer.device = device

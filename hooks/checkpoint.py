@@ -69,6 +69,9 @@ class Checkpoint:
         In a distributed run call it on every rank: all of them collect their states (some
         gather per-rank state), only rank 0 writes."""
         trainer = trainer or self.trainer
+        check = getattr(trainer, "check_finite", None)
+        if check is not None:
+            check()  # never save weights that a NaN/inf batch touched (deferred checks)
         states = {name: obj.state_dict() for name, obj in self.objects.items()}
         if idist.get_rank() != 0:
             return self.path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from ignite.engine import Engine, Events
 
 
@@ -11,7 +12,8 @@ class GradNorm:
     """Reads ``grad_norm``/``unclipped_grad_norm`` from every iteration's output and writes
     their epoch means (``grad_norm``, ``unclipped_grad_norm``) and the epoch maximum before
     clipping (``unclipped_grad_norm_max``) into ``trainer.state.metrics``. The per-batch values
-    of the current epoch are in ``self.batch_values``. Resumes mid-epoch via ``state_dict``."""
+    of the current epoch are in ``self.batch_values``. Resumes mid-epoch via ``state_dict``.
+    Values computed on a GPU stay there until the epoch ends (no host sync per batch)."""
 
     KEYS = ("grad_norm", "unclipped_grad_norm")
 
@@ -28,9 +30,21 @@ class GradNorm:
         if not isinstance(output, dict) or output.get("skipped"):
             return
         for key in self.KEYS:
-            self.batch_values[key].append(float(output[key]))
+            value = output[key]
+            on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
+            self.batch_values[key].append(value.detach() if on_device else float(value))
+
+    def _to_floats(self) -> None:
+        """Read the values kept on a device, one transfer per metric."""
+        for values in self.batch_values.values():
+            where = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+            if where:
+                read = torch.stack([values[i] for i in where]).tolist()
+                for i, value in zip(where, read, strict=True):
+                    values[i] = float(value)
 
     def _publish(self, trainer: Engine) -> None:
+        self._to_floats()
         for key, values in self.batch_values.items():
             trainer.state.metrics[key] = math.fsum(values) / len(values) if values else math.nan
         values = self.batch_values["unclipped_grad_norm"]
@@ -38,6 +52,7 @@ class GradNorm:
         self.batch_values = {k: [] for k in self.KEYS}
 
     def state_dict(self) -> dict:
+        self._to_floats()
         return {"batch_values": {k: list(v) for k, v in self.batch_values.items()}}
 
     def load_state_dict(self, state: dict) -> None:

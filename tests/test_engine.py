@@ -278,3 +278,42 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed afterwards
     resumed = run(exp, 6, resume=True)
     assert_same_run(straight[0], resumed, straight[1], exp)
+
+
+def test_deferred_checks_train_identically_and_still_stop_on_nan(straight, tmp_path):
+    """check_every > 1 (the GPU default) keeps values on the device between checks."""
+    exp = tmp_path / "exp"
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    index, vindex = make_index("train"), make_index("valid", (12,), seed=1)
+    kw = dict(batch_size=None, collate_fn=lambda b: b, generator=torch.Generator().manual_seed(0))
+    train = DataLoader(SyntheticBatches(index), sampler=BatchSampler(
+        index, SamplerConfig(batch_size=60, units="points"), seed=7), **kw)
+    valid = DataLoader(SyntheticBatches(vindex, jitter=0.0), sampler=BatchSampler(
+        vindex, SamplerConfig(batch_size=60, units="points"), seed=7, shuffle=False), **kw)
+    train_and_validate(model, optimizer, loss_fn, train, valid_loader=valid, exp_dir=exp,
+                       max_epochs=6, lr_schedule="0.01*2 0.005", clip_grad_norm=1.0,
+                       progress=False, config={"note": "test"}, model_config={"kind": "mlp"},
+                       handle_signals=False, check_every=4)
+    for a, b in zip(straight[0][0].state_dict().values(), model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    np.testing.assert_allclose(read_logs(exp)["train_loss"], read_logs(straight[1])["train_loss"],
+                               rtol=1e-6)
+    before = (exp / "checkpoint" / "state.pt").read_bytes()
+
+    def nan_at_third(model, batch, _calls=[0]):  # noqa: B006
+        _calls[0] += 1
+        loss, n = loss_fn(model, batch)
+        return (loss * float("nan") if _calls[0] == 3 else loss), n
+
+    from tractrain.engine.trainer import create_trainer
+    from tractrain.hooks.checkpoint import Checkpoint
+
+    trainer = create_trainer(model, optimizer, nan_at_third, check_every=4)
+    Checkpoint(exp, {"model": model}, every_iterations=4).attach(trainer)
+    train.sampler.set_epoch(0)
+    with pytest.raises(NonFiniteError, match="at iteration 3 .*checked every 4"):
+        trainer.run(train, max_epochs=1)
+    assert trainer.state.iteration == 4  # found at the first check after the bad batch ...
+    assert (exp / "checkpoint" / "state.pt").read_bytes() == before  # ... before any save
