@@ -55,7 +55,14 @@ class NpyLogs:
         return self.exp_dir / LOGS_DIR
 
     def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+
+    def _on_started(self, trainer: Engine) -> None:
+        """A resumed run rewrites the files from its restored history at once, so logs that a
+        kill left out of step (between two renames) agree again before training goes on."""
+        if self.epochs and idist.get_rank() == 0:
+            self.write()
 
     def _on_epoch_completed(self, trainer: Engine) -> None:
         self.record(trainer.state.metrics, trainer.state.epoch)

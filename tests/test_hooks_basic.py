@@ -464,3 +464,26 @@ def test_progress_does_not_swallow_exceptions():
     with pytest.raises(RuntimeError, match="boom"):
         trainer.run([0, 1, 2], max_epochs=2)
     assert bars._epoch_bar is None and bars._iter_bar is None
+
+
+def test_npy_logs_out_of_step_after_a_kill_agree_again_when_a_resumed_run_starts(tmp_path):
+    values = [{"train_loss": 1.0 / e, "lr": 0.1} for e in range(1, 4)]
+    trainer = make_trainer(from_list(values))
+    first = NpyLogs(tmp_path)
+    first.attach(trainer)
+    run(trainer, 3)
+    state = roundtrip(first.state_dict())
+    np.save(tmp_path / "logs" / "lr.npy", np.array([0.1, 0.1]))  # killed between two renames
+    assert len(read_logs(tmp_path)["lr"]) == 2
+    resumed = NpyLogs(tmp_path)
+    resumed.load_state_dict(state)
+    seen = {}
+    trainer = make_trainer(from_list(values))
+    resumed.attach(trainer)
+
+    @trainer.on(Events.STARTED)
+    def look(engine):  # attached after NpyLogs: sees the files right after its STARTED
+        seen.update({k: len(v) for k, v in read_logs(tmp_path).items()})
+
+    trainer.run(list(range(EPOCH_LENGTH)), max_epochs=1)
+    assert seen == {"train_loss": 3, "lr": 3}
