@@ -76,19 +76,24 @@ def make_model():
                                torch.nn.Linear(16, 3))
 
 
-def run(exp, max_epochs, resume=False, workers=0, checkpoint_every=None, crash_at=None,
-        patience=None, lr="0.01*2 0.005"):
-    """A complete fresh set-up (as a new process would build it), then train."""
-    model = make_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+def make_loaders(workers=0):
+    """Training and validation DataLoaders over fresh samplers (as a new process builds them)."""
     train_index, valid_index = make_index("train"), make_index("valid", (12,), seed=1)
     sampler = BatchSampler(train_index, SamplerConfig(batch_size=60, units="points"), seed=7)
     vsampler = BatchSampler(valid_index, SamplerConfig(batch_size=60, units="points"), seed=7,
                             shuffle=False)
     kw = dict(batch_size=None, collate_fn=lambda b: b, num_workers=workers,
               generator=torch.Generator().manual_seed(0))
-    train = DataLoader(SyntheticBatches(train_index), sampler=sampler, **kw)
-    valid = DataLoader(SyntheticBatches(valid_index, jitter=0.0), sampler=vsampler, **kw)
+    return (DataLoader(SyntheticBatches(train_index), sampler=sampler, **kw),
+            DataLoader(SyntheticBatches(valid_index, jitter=0.0), sampler=vsampler, **kw))
+
+
+def run(exp, max_epochs, resume=False, workers=0, checkpoint_every=None, crash_at=None,
+        patience=None, lr="0.01*2 0.005"):
+    """A complete fresh set-up (as a new process would build it), then train."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    train, valid = make_loaders(workers)
     user_loss = loss_fn
     if crash_at is not None:
         def user_loss(model, batch, _calls=[0]):  # noqa: B006 - counts calls in this run
@@ -264,12 +269,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return loss_fn(model, batch)
 
-    index, vindex = make_index("train"), make_index("valid", (12,), seed=1)
-    kw = dict(batch_size=None, collate_fn=lambda b: b, generator=torch.Generator().manual_seed(0))
-    train = DataLoader(SyntheticBatches(index), sampler=BatchSampler(
-        index, SamplerConfig(batch_size=60, units="points"), seed=7), **kw)
-    valid = DataLoader(SyntheticBatches(vindex, jitter=0.0), sampler=BatchSampler(
-        vindex, SamplerConfig(batch_size=60, units="points"), seed=7, shuffle=False), **kw)
+    train, valid = make_loaders()
     trainer = train_and_validate(model, optimizer, loss_then_signal, train, valid_loader=valid,
                                  exp_dir=exp, max_epochs=6, lr_schedule="0.01*2 0.005",
                                  clip_grad_norm=1.0, progress=False, config={"note": "test"},
@@ -285,12 +285,7 @@ def test_deferred_checks_train_identically_and_still_stop_on_nan(straight, tmp_p
     exp = tmp_path / "exp"
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    index, vindex = make_index("train"), make_index("valid", (12,), seed=1)
-    kw = dict(batch_size=None, collate_fn=lambda b: b, generator=torch.Generator().manual_seed(0))
-    train = DataLoader(SyntheticBatches(index), sampler=BatchSampler(
-        index, SamplerConfig(batch_size=60, units="points"), seed=7), **kw)
-    valid = DataLoader(SyntheticBatches(vindex, jitter=0.0), sampler=BatchSampler(
-        vindex, SamplerConfig(batch_size=60, units="points"), seed=7, shuffle=False), **kw)
+    train, valid = make_loaders()
     train_and_validate(model, optimizer, loss_fn, train, valid_loader=valid, exp_dir=exp,
                        max_epochs=6, lr_schedule="0.01*2 0.005", clip_grad_norm=1.0,
                        progress=False, config={"note": "test"}, model_config={"kind": "mlp"},
