@@ -312,3 +312,18 @@ def test_deferred_checks_train_identically_and_still_stop_on_nan(straight, tmp_p
         trainer.run(train, max_epochs=1)
     assert trainer.state.iteration == 4  # found at the first check after the bad batch ...
     assert (exp / "checkpoint" / "state.pt").read_bytes() == before  # ... before any save
+
+
+def test_checkpoint_of_release_0_1_0_still_resumes_exactly(tmp_path):
+    """A mid-epoch checkpoint written by tractrain 0.1.0 (tests/data/checkpoint-0.1.0, made by
+    this file's ``run(exp, 4, checkpoint_every=2, crash_at=25)``) resumes to the same weights
+    and logs as an uninterrupted run of the current code."""
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "data" / "checkpoint-0.1.0" / "checkpoint"
+    exp = tmp_path / "old"
+    shutil.copytree(fixture, exp / "checkpoint")
+    resumed = run(exp, 4, resume=True, checkpoint_every=2)
+    straight = run(tmp_path / "straight", 4)
+    assert_same_run(straight, resumed, tmp_path / "straight", exp)
