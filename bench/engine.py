@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from ignite.engine import Events
 
 from tractrain.data.batch import Batch
-from tractrain.data.errors import ConfigError, TractrainError
 from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.trainer import create_trainer
+from tractrain.errors import ConfigError, TractrainError
 from tractrain.examples.next_direction import loss_fn as gru_loss_fn
 from tractrain.examples.next_direction import make_model
 from tractrain.hooks.best_model import BestModel

@@ -61,9 +61,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tractrain.atomic import is_complete
 from tractrain.data.augment import AugmentConfig
+from tractrain.data.batch import load_batch
 from tractrain.data.builder import build_store
-from tractrain.data.errors import TractrainError
 from tractrain.data.feeding import make_dataloader
 from tractrain.data.interpolation import (
     InputConfig,
@@ -71,11 +72,10 @@ from tractrain.data.interpolation import (
     interpolate_inputs,
     neighborhood_offsets,
 )
-from tractrain.data.loader import load_batch
 from tractrain.data.phantom import make_phantom
 from tractrain.data.sampler import BatchSampler, SamplerConfig, batch_rng, split_index
 from tractrain.data.store import open_store
-from tractrain.hooks.atomic import is_complete
+from tractrain.errors import TractrainError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "bench"
@@ -308,7 +308,7 @@ def time_interpolation(store_path: str, dtype: str, batches: int, batch_size: in
     work = []  # (volume, points, expanded points, voxel sizes) per subject and batch
     volumes = {}
     for j, ids in enumerate(specs, start=1):
-        batch = load_batch(store, ids, group=GROUP, augment_config=_AUGMENT,
+        batch = load_batch(store, ids, group=GROUP, augment=_AUGMENT,
                            rng=batch_rng(SEED, 0, j))
         counts = torch.zeros(len(batch.subject_names), dtype=torch.int64)
         counts.index_add_(0, batch.subjects, batch.lengths)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tractrain.data.batch import Batch
 from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
-from tractrain.engine.train import train_and_validate
+from tractrain.engine.fit import train_and_validate
 
 
 def rss_bytes() -> int:

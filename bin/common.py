@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
-from tractrain.data.errors import TractrainError
+from tractrain.errors import TractrainError
 
 EXIT_OS_ERROR = 1
 EXIT_USAGE = 2

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
+from tractrain.atomic import atomic_write_bytes
 from tractrain.data.augment import AugmentConfig
-from tractrain.data.errors import ConfigError
+from tractrain.data.batch import DeviceInputs
 from tractrain.data.feeding import make_dataloader
 from tractrain.data.interpolation import InputConfig, num_input_features
-from tractrain.data.loader import DeviceInputs
 from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
 from tractrain.data.store import open_store
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
+from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
-from tractrain.engine.train import train_and_validate
-from tractrain.hooks.atomic import atomic_write_bytes
+from tractrain.errors import ConfigError
 
 # The demo dataset: 4 phantom subjects (2 train, 1 valid, 1 test), built in a few seconds.
 DEMO_PHANTOM = {"n_subjects": 4, "streamlines_per_subject": 300, "seed": 0}

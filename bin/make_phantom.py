@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from tractrain.data.errors import TractrainError
+from tractrain.errors import TractrainError
 
 
 def build_parser() -> argparse.ArgumentParser:

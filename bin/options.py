@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tractrain.bin.common import suggest
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 DEMO_MODEL = "tractrain.examples.next_direction:make_model"
 DEMO_LOSS = "tractrain.examples.next_direction:loss_fn"

@@ -21,9 +21,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from tractrain.atomic import atomic_write_bytes
 from tractrain.bin.common import ArgumentParser, run, suggest
-from tractrain.data.errors import ConfigError
-from tractrain.hooks.atomic import atomic_write_bytes
+from tractrain.errors import ConfigError
 
 LOGS_DIR = "logs"
 BEST_EPOCH_FILE = "best_epoch.json"

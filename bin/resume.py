@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from tractrain.atomic import atomic_write_bytes, atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import convert
-from tractrain.data.errors import CheckpointError
-from tractrain.hooks.atomic import atomic_write_bytes, atomic_write_json
+from tractrain.errors import CheckpointError
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
 

@@ -1,7 +1,7 @@
 """``tractrain-track EXPERIMENT --subject S``: a tractogram tracked by a trained model.
 
 Rebuilds the model of ``<exp>`` (best model by default, ``--checkpoint`` for the latest
-weights), opens the store of its config, tracks with `tractrain.data.tracker` and writes a
+weights), opens the store of its config, tracks with `tractrain.generation.tracker` and writes a
 ``.trk`` (or ``.tck``) in RAS+ mm whose header is the subject's reference volume's (affine,
 dimensions, voxel sizes, voxel order).
 """
@@ -17,7 +17,7 @@ import torch
 
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.resume import load_experiment_config
-from tractrain.data.errors import CheckpointError, ConfigError
+from tractrain.errors import CheckpointError, ConfigError
 
 SEED_SOURCES = ("mask", "valid-streamlines")
 
@@ -163,7 +163,7 @@ def write_tractogram(path: Path, tracks, info: dict) -> None:
 def track_command(args: argparse.Namespace) -> int:
     from tractrain.bin.compose import resolve_device
     from tractrain.data.store import open_store
-    from tractrain.data.tracker import STOP_NAMES, continue_tracks, subject_field
+    from tractrain.generation.tracker import STOP_NAMES, continue_tracks, subject_field
 
     out = Path(args.out)
     if out.suffix.lower() not in (".trk", ".tck"):

@@ -11,9 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
-from tractrain.hooks.atomic import atomic_write_json
 
 EXIT_FAILED = 1
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}

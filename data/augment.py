@@ -21,12 +21,12 @@ from dipy.tracking.streamlinespeed import compress_streamlines, length, set_numb
 from nibabel.streamlines import ArraySequence
 from scipy.special import ndtr, ndtri
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 __all__ = [
     "AugmentConfig",
     "add_noise",
-    "augment",
+    "apply_augment",
     "compress",
     "resample",
     "reverse",
@@ -307,7 +307,7 @@ def add_noise(
     return (points + z * (noise_mm / vs)).astype(np.float32)
 
 
-def augment(
+def apply_augment(
     points: np.ndarray,
     lengths: np.ndarray,
     config: AugmentConfig,

@@ -1,15 +1,27 @@
-"""The `Batch`: what a loader hands to the user's ``loss_fn``.
+"""Where a batch is built: the `Batch` handed to the user's ``loss_fn``, and `load_batch`,
+which turns a batch's streamline ids into one (gather, augment, interpolate inputs).
 
 Streamlines are packed flat: ``points[offsets[i]:offsets[i + 1]]`` is streamline ``i``.
 Coordinates are in voxel space of the subject's reference volume, origin at the centre of
 voxel (0, 0, 0) (see docs/store-format.md).
+
+``load_batch`` is a pure function of (store, ids, configs, rng): the same arguments give the
+same batch. The RNG comes from the caller (``BatchSpec.rng()`` = ``batch_rng(seed, epoch,
+index)``), never from a generator copied into DataLoader workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
+
+from tractrain.data.augment import AugmentConfig, apply_augment
+from tractrain.data.cache import ByteLRU
+from tractrain.data.interpolation import InputConfig, interpolate_inputs
+from tractrain.errors import ConfigError
 
 
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -87,3 +99,104 @@ class Batch:
             self.split(tensor), batch_first=True, padding_value=value
         )
         return padded, self.lengths
+
+
+BatchIds = Sequence[tuple[str, np.ndarray]]
+
+
+def _voxel_transform(store, subject: str, group: str, volume_group: str) -> np.ndarray | None:
+    """4x4 map from the streamlines' voxel grid to the volume's, or None if they are equal."""
+    sl = store.streamline_info(subject, group)["affine"]
+    vol = store.volume_info(subject, volume_group)["affine"]
+    if np.allclose(sl, vol, atol=1e-5):
+        return None
+    return np.linalg.inv(vol) @ sl
+
+
+def subject_inputs(store, subject: str, group: str, points: np.ndarray | torch.Tensor,
+                   inputs: InputConfig, volume: torch.Tensor) -> torch.Tensor:
+    """Features (M, F * N) of ``inputs`` at one subject's points (streamline voxel space)."""
+    info = store.volume_info(subject, inputs.volume_group)
+    pts = torch.as_tensor(points, device=volume.device)
+    transform = _voxel_transform(store, subject, group, inputs.volume_group)
+    if transform is not None:
+        t = torch.as_tensor(transform, dtype=torch.float32, device=volume.device)
+        pts = pts @ t[:3, :3].T + t[:3, 3]
+    return interpolate_inputs(volume, pts, inputs, info["voxel_sizes"])
+
+
+def load_batch(
+    store,
+    ids: BatchIds,
+    *,
+    group: str,
+    augment: AugmentConfig | None = None,
+    rng: np.random.Generator | None = None,
+    inputs: InputConfig | None = None,
+    epoch: int = -1,
+    index: int = -1,
+) -> Batch:
+    """Gather the streamlines ``ids`` (``[(subject, ids), ...]``) of ``group``, augment them,
+    and (if ``inputs``) interpolate the input volume at every point, on the CPU."""
+    if augment is not None and augment.is_random and rng is None:
+        raise ConfigError("load_batch: random augmentation needs an rng (BatchSpec.rng())")
+    names = tuple(subject for subject, _ in ids)
+    points, lengths, subjects, sids, feats = [], [], [], [], []
+    for k, (subject, sub_ids) in enumerate(ids):
+        sub_ids = np.asarray(sub_ids, dtype=np.int64)
+        pts, lens = store.gather(subject, group, sub_ids)
+        if augment is not None:
+            voxel_sizes = store.streamline_info(subject, group)["voxel_sizes"]
+            pts, lens, parent = apply_augment(pts, lens, augment, rng, voxel_sizes)
+            sub_ids = sub_ids[parent]
+        points.append(np.ascontiguousarray(pts, dtype=np.float32))
+        lengths.append(np.asarray(lens, dtype=np.int64))
+        subjects.append(np.full(len(lens), k, dtype=np.int64))
+        sids.append(sub_ids)
+        if inputs is not None:
+            volume = torch.from_numpy(store.volume(subject, inputs.volume_group))
+            feats.append(subject_inputs(store, subject, group, points[-1], inputs, volume))
+    return Batch(
+        points=torch.from_numpy(np.concatenate(points) if points else np.zeros((0, 3), "f4")),
+        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, "i8")),
+        subjects=torch.from_numpy(np.concatenate(subjects) if subjects else np.zeros(0, "i8")),
+        streamline_ids=torch.from_numpy(np.concatenate(sids) if sids else np.zeros(0, "i8")),
+        subject_names=names,
+        inputs=torch.cat(feats) if feats else None,
+        epoch=epoch,
+        index=index,
+    )
+
+
+class DeviceInputs:
+    """Interpolate inputs on a device (e.g. the GPU) in the main process.
+
+    Keeps subjects' volumes on ``device`` in an LRU cache bounded by ``cache_bytes``. Use as
+    the trainer's ``prepare_batch``: ``batch = device_inputs(batch, device)``.
+    """
+
+    def __init__(self, store, group: str, inputs: InputConfig, cache_bytes: int = 2 * 2**30):
+        self.store, self.group, self.inputs = store, group, inputs
+        self.volumes = ByteLRU(cache_bytes)
+
+    def __call__(self, batch: Batch, device: torch.device | str) -> Batch:
+        device = torch.device(device)
+        batch = batch.to(device, non_blocking=True)
+        feats = []
+        for subject, points in zip(batch.subject_names, self._per_subject(batch), strict=True):
+            volume = self.volumes.get(
+                (subject, self.inputs.volume_group, str(device)),
+                lambda s=subject: torch.from_numpy(
+                    self.store.volume(s, self.inputs.volume_group)).to(device),
+            )
+            feats.append(subject_inputs(self.store, subject, self.group, points, self.inputs,
+                                        volume))
+        batch.inputs = torch.cat(feats)
+        return batch
+
+    @staticmethod
+    def _per_subject(batch: Batch) -> list[torch.Tensor]:
+        point_counts = torch.zeros(len(batch.subject_names), dtype=torch.int64,
+                                   device=batch.lengths.device)
+        point_counts.index_add_(0, batch.subjects, batch.lengths)
+        return list(torch.split(batch.points, point_counts.tolist()))

@@ -35,8 +35,8 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from tractrain.data.errors import ConfigError
 from tractrain.data.format import FORMAT_NAME, FORMAT_VERSION, SPLITS
+from tractrain.errors import ConfigError
 
 STANDARDIZATION = ("all", "independent", "per_file", "none")
 VOLUME_KEYS = {"type", "files", "standardization", "mask", "dtype"}

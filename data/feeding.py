@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tractrain.data.augment import AugmentConfig
-from tractrain.data.errors import ConfigError
+from tractrain.data.batch import load_batch
 from tractrain.data.interpolation import InputConfig
-from tractrain.data.loader import load_batch
 from tractrain.data.sampler import BatchSampler, BatchSpec
+from tractrain.errors import ConfigError
 
 INTERPOLATE = ("workers", "device")
 
@@ -27,7 +27,7 @@ class BatchDataset(Dataset):
 
     def __getitem__(self, spec: BatchSpec):
         rng = spec.rng() if self.augment is not None and self.augment.is_random else None
-        return load_batch(self.store, spec.ids, group=self.group, augment_config=self.augment,
+        return load_batch(self.store, spec.ids, group=self.group, augment=self.augment,
                           rng=rng, inputs=self.inputs, epoch=spec.epoch, index=spec.index)
 
 
@@ -56,7 +56,7 @@ def make_dataloader(
 
     ``interpolate="workers"`` interpolates inputs on the CPU while loading; ``"device"``
     leaves ``batch.inputs`` empty, to be filled on the training device by
-    `tractrain.data.loader.DeviceInputs` (pass it as the trainer's ``prepare_batch``).
+    `tractrain.data.batch.DeviceInputs` (pass it as the trainer's ``prepare_batch``).
     """
     if interpolate not in INTERPOLATE:
         raise ConfigError(f"interpolate: expected one of {INTERPOLATE}, got {interpolate!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tractrain.data.errors import StoreError
+from tractrain.errors import StoreError
 
 FORMAT_NAME = "tractrain-store"
 FORMAT_VERSION = 1

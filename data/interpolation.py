@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 NEIGHBORHOODS = (None, "axes", "grid")
 OUTSIDE = ("zeros", "clamp")

@@ -23,8 +23,8 @@ import numpy as np
 from nibabel.streamlines import ArraySequence, Field, Tractogram, TrkFile
 from scipy import ndimage
 
-from tractrain.data.errors import ConfigError
-from tractrain.hooks.atomic import atomic_write_dir, atomic_write_json, is_complete
+from tractrain.atomic import atomic_write_dir, atomic_write_json, is_complete
+from tractrain.errors import ConfigError
 
 WM_EVALS = (1.5e-3, 0.3e-3, 0.3e-3)  # fibre compartment (mm^2/s)
 GM_EVALS = (0.8e-3, 0.8e-3, 0.8e-3)  # isotropic tissue around / between bundles

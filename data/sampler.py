@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 BatchIds = list[tuple[str, np.ndarray]]
 UNITS = ("streamlines", "points", "length_mm")

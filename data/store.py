@@ -23,13 +23,13 @@ import numpy as np
 import zarr
 
 from tractrain.data.cache import ByteLRU
-from tractrain.data.errors import StoreError
 from tractrain.data.format import (
     STREAMLINE_ARRAYS,
     check_chunks,
     check_root_attrs,
     check_streamline_index,
 )
+from tractrain.errors import StoreError
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 MMAP_THRESHOLD = 4 * 2**20  # volumes (and any array) from this size are mmapped by glibc

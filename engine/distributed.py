@@ -19,7 +19,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 
-from tractrain.data.errors import CheckpointError, ConfigError
+from tractrain.errors import CheckpointError, ConfigError
 
 BACKENDS = ("gloo", "nccl")
 
@@ -124,12 +124,6 @@ def auto_model(model: torch.nn.Module) -> torch.nn.Module:
     if not is_distributed() or isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model
     return idist.auto_model(model)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside a DDP/DataParallel wrapper (``model`` if not wrapped)."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 # -- collectives (identity with one process) -------------------------------------------------

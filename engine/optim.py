@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 Schedule = list[tuple[float, int | None]]
 

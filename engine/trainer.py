@@ -20,8 +20,8 @@ from contextlib import nullcontext
 import torch
 from ignite.engine import Engine, Events, State
 
-from tractrain.data.errors import ConfigError
 from tractrain.engine.distributed import all_reduce_sum
+from tractrain.errors import ConfigError
 
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int | torch.Tensor]]
 NAN_POLICIES = ("stop", "skip")

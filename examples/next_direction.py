@@ -6,7 +6,7 @@ This is what you write to train your own model with tractrain: a ``make_model(co
 ``batch.inputs`` (M, F) diffusion features interpolated at every point.
 
 To track with the model (generation validation, ``tractrain-track``) it also implements the
-generation contract of `tractrain.data.tracker`: ``init_state(n, device)`` and
+generation contract of `tractrain.generation.tracker`: ``init_state(n, device)`` and
 ``step(inputs, prev_dir, state) -> (direction, stop_logit, state)``, one point at a time, with
 the same inputs as in training (features at point t and the unit direction t - 1 -> t).
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from tractrain.data.batch import Batch
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 
 class NextDirectionGRU(torch.nn.Module):
@@ -40,7 +40,7 @@ class NextDirectionGRU(torch.nn.Module):
         valid = torch.arange(hidden.shape[1]) < lengths[:, None]  # drop the padding
         return self.head(hidden[valid.to(hidden.device)])  # streamline by streamline, in order
 
-    # -- generation contract (tractrain.data.tracker) ----------------------------------------
+    # -- generation contract (tractrain.generation.tracker) ----------------------------------------
     def init_state(self, n: int, device: torch.device | str) -> torch.Tensor:
         """Zero hidden state of ``n`` streamlines: (n, num_layers, hidden_size)."""
         return torch.zeros(n, self.gru.num_layers, self.gru.hidden_size, device=device)

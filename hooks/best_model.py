@@ -23,8 +23,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import CheckpointError, ConfigError
-from tractrain.hooks.atomic import (
+from tractrain.atomic import (
     atomic_write_dir,
     atomic_write_json,
     is_complete,
@@ -32,30 +31,19 @@ from tractrain.hooks.atomic import (
     repair_dir,
     write_file,
 )
-from tractrain.hooks.monitor import Monitor, to_float
+from tractrain.errors import CheckpointError, ConfigError
+from tractrain.hooks.monitor import Monitor
+from tractrain.util import to_float, unwrap
 
 BEST_DIR = "best_model"
 BEST_EPOCH_FILE = "best_epoch.json"
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DataParallel/DistributedDataParallel/torch.compile wrappers."""
-    while True:
-        if isinstance(
-            model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel
-        ):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def cpu_state_dict(model: torch.nn.Module) -> dict:
     """``model.state_dict()`` with every tensor detached and copied to the CPU."""
     return {
         k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-        for k, v in unwrap_model(model).state_dict().items()
+        for k, v in unwrap(model).state_dict().items()
     }
 
 

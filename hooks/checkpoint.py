@@ -3,7 +3,7 @@
 ``<exp>/checkpoint/`` holds ``meta.json`` (format, position, config), ``state.pt`` (every
 registered object's ``state_dict()``: tensors and plain values only, loaded with
 ``torch.load(weights_only=True)``), ``config.json`` and a copy of ``logs/``. It is written as a
-new folder, fsynced, then swapped in by rename (`tractrain.hooks.atomic`); a swap cut short by
+new folder, fsynced, then swapped in by rename (`tractrain.atomic`); a swap cut short by
 a crash is repaired when the checkpoint is next loaded or written.
 """
 
@@ -20,8 +20,8 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import CheckpointError
-from tractrain.hooks.atomic import atomic_write_dir, repair_dir, write_file
+from tractrain.atomic import atomic_write_dir, repair_dir, write_file
+from tractrain.errors import CheckpointError
 
 FORMAT_NAME = "tractrain-checkpoint"
 FORMAT_VERSION = 1

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
+from tractrain.util import reraise_if_last
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -258,13 +259,7 @@ class CometLogger:
             message = " ".join(f"{type(error).__name__}: {error}".split())
             self.experiment.log_other("crashed", message)
         self.close()
-        # ignite swallows an exception once a handler is registered for EXCEPTION_RAISED: the
-        # last such handler re-raises it, so that every hook gets to clean up first.
-        from ignite.engine import Events
-
-        handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED, [])
-        if not handlers or handlers[-1][0] == self._exception_handler:
-            raise error
+        reraise_if_last(engine, self._exception_handler, error)
 
     def state_dict(self) -> dict:
         """``{"experiment_key", "online"}``: enough to continue the same experiment."""

@@ -2,7 +2,7 @@
 
 A fixed set of validation streamlines is drawn once (from ``seed``). Each is resampled to
 ``step_mm``; its first ``seed_points`` points warm the model's recurrent state up (teacher
-forcing, `tractrain.data.tracker.continue_tracks`), then the model tracks on alone. The hook
+forcing, `tractrain.generation.tracker.continue_tracks`), then the model tracks on alone. The hook
 writes into ``trainer.state.metrics``:
 
 - ``gen_endpoint_dist``: mean distance (mm) between generated and reference last points;
@@ -25,31 +25,14 @@ import torch
 from ignite.engine import Engine, Events
 
 from tractrain.data.augment import resample
-from tractrain.data.errors import CheckpointError, ConfigError
 from tractrain.data.interpolation import InputConfig
 from tractrain.data.store import expand_ranges
-from tractrain.data.tracker import Tracks, continue_tracks, subject_field
-from tractrain.hooks.best_model import unwrap_model
+from tractrain.errors import CheckpointError, ConfigError
+from tractrain.generation.scores import endpoint_scores
+from tractrain.generation.tracker import continue_tracks, subject_field
+from tractrain.util import unwrap
 
 METRICS = ("gen_endpoint_dist", "gen_within", "gen_length")
-
-
-def endpoint_scores(tracks: Tracks, reference_ends: torch.Tensor, affine: np.ndarray,
-                    within_mm: float) -> dict[str, np.ndarray]:
-    """Per-streamline ``dist`` (mm, generated vs reference last point), ``within`` (bool) and
-    ``length`` (mm) of ``tracks``, with the voxel -> mm ``affine`` of their grid."""
-    linear = torch.as_tensor(np.asarray(affine, dtype=np.float64)[:3, :3], dtype=torch.float64)
-    ends = tracks.last_points().detach().cpu().to(torch.float64)
-    ref = torch.as_tensor(reference_ends, dtype=torch.float64).cpu()
-    dist = ((ends - ref) @ linear.T).norm(dim=1)
-    pts = tracks.points.detach().cpu().to(torch.float64) @ linear.T
-    lengths = tracks.lengths.cpu()
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    same = ids[1:] == ids[:-1]  # consecutive points of one streamline
-    seg = (pts[1:] - pts[:-1]).norm(dim=1)[same]
-    length = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, ids[1:][same], seg)
-    return {"dist": dist.numpy(), "within": (dist <= within_mm).numpy(),
-            "length": length.numpy()}
 
 
 class GenerationValidation:
@@ -57,7 +40,7 @@ class GenerationValidation:
 
     Args:
         model: the trained module, implementing the generation contract of
-            `tractrain.data.tracker` (``init_state``, ``step``); wrappers are unwrapped.
+            `tractrain.generation.tracker` (``init_state``, ``step``); wrappers are unwrapped.
         store: an open `Store`; group: its streamline group; inputs: the training inputs.
         every: run at epochs ``every``, ``2 * every``, ...
         n_streamlines: how many validation streamlines (fewer if the split has fewer).
@@ -150,7 +133,7 @@ class GenerationValidation:
 
     def evaluate(self) -> dict[str, float]:
         """Track from the fixed seeds now; returns the three metrics (model left in its mode)."""
-        model = unwrap_model(self.model)
+        model = unwrap(self.model)
         device = self._device(model)
         was_training = model.training
         model.eval()

@@ -18,9 +18,9 @@ import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import CheckpointError, ConfigError
-from tractrain.hooks.atomic import atomic_write_bytes, fsync_dir, remove_stale_temps
-from tractrain.hooks.monitor import to_float
+from tractrain.atomic import atomic_write_bytes, fsync_dir, remove_stale_temps
+from tractrain.errors import CheckpointError, ConfigError
+from tractrain.util import to_float
 
 LOGS_DIR = "logs"
 CSV_NAME = "logs.csv"

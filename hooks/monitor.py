@@ -10,10 +10,8 @@ import math
 import numbers
 from collections.abc import Mapping
 
-import numpy as np
-import torch
-
-from tractrain.data.errors import CheckpointError, ConfigError
+from tractrain.errors import CheckpointError, ConfigError
+from tractrain.util import to_float
 
 # Which hook (or engine) writes each standard metric into ``trainer.state.metrics``.
 PRODUCERS = {
@@ -35,22 +33,6 @@ MODES = ("min", "max")
 def producer_of(metric: str) -> str:
     """Human name of the hook that produces ``metric``."""
     return PRODUCERS.get(metric, f"the hook that produces '{metric}'")
-
-
-def to_float(value) -> float | None:
-    """``value`` as a Python float if it is a real scalar (number, 0-d/1-element tensor or
-    array), else None. Booleans are not metrics."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, torch.Tensor | np.ndarray):
-        count = value.numel() if isinstance(value, torch.Tensor) else value.size
-        if count == 1:
-            item = value.item()
-            if isinstance(item, numbers.Real) and not isinstance(item, bool):
-                return float(item)
-    return None
 
 
 def require_metric(metrics: Mapping, name: str, hook: str) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 from tractrain.hooks.monitor import Monitor
 
 log = logging.getLogger(__name__)

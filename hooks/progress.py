@@ -9,20 +9,9 @@ from typing import IO
 from ignite.engine import Engine, Events
 from tqdm.auto import tqdm
 
-from tractrain.hooks.monitor import to_float
+from tractrain.util import reraise_if_last, to_float
 
 EPOCH_METRICS = ("train_loss", "valid_loss")
-
-
-def reraise_if_last(engine: Engine, handler, error: BaseException) -> None:
-    """Re-raise ``error`` if ``handler`` is the last EXCEPTION_RAISED handler of ``engine``.
-
-    ignite swallows an exception once any EXCEPTION_RAISED handler exists; the last handler
-    re-raises it so that cleanup handlers registered before it still run.
-    """
-    handlers = engine._event_handlers.get(Events.EXCEPTION_RAISED, [])
-    if not handlers or handlers[-1][0] == handler:
-        raise error
 
 
 class Progress:

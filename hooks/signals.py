@@ -9,7 +9,7 @@ import threading
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
-from tractrain.hooks.progress import reraise_if_last
+from tractrain.util import reraise_if_last
 
 
 class GracefulStop:

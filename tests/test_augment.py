@@ -14,13 +14,13 @@ from scipy.stats import truncnorm
 from tractrain.data.augment import (
     AugmentConfig,
     add_noise,
-    augment,
+    apply_augment,
     compress,
     resample,
     reverse,
     split,
 )
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 
 def _load_naive():
@@ -131,7 +131,8 @@ def test_resample_degenerate_streamlines():
 def test_naive_resampling_matches_vectorised():
     points, lengths = curvy_batch(3, b=50)
     config = AugmentConfig(step_size=0.8)
-    out, new_lengths, parent = augment(points, lengths, config, np.random.default_rng(0), ANISO)
+    out, new_lengths, parent = apply_augment(points, lengths, config, np.random.default_rng(0),
+                                             ANISO)
     naive = naive_augment(pieces(points, lengths), config, np.random.default_rng(0), ANISO)
     np.testing.assert_array_equal(parent, np.arange(len(lengths)))
     assert [len(s) for s in naive] == new_lengths.tolist()
@@ -248,9 +249,9 @@ FULL = AugmentConfig(step_size=0.7, split_ratio=0.4, reverse_ratio=0.5, noise_mm
 
 def test_same_seed_same_output_different_seed_different():
     points, lengths = curvy_batch(9)
-    a = augment(points, lengths, FULL, np.random.default_rng(11), ANISO)
-    b = augment(points, lengths, FULL, np.random.default_rng(11), ANISO)
-    c = augment(points, lengths, FULL, np.random.default_rng(12), ANISO)
+    a = apply_augment(points, lengths, FULL, np.random.default_rng(11), ANISO)
+    b = apply_augment(points, lengths, FULL, np.random.default_rng(11), ANISO)
+    c = apply_augment(points, lengths, FULL, np.random.default_rng(12), ANISO)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert a[0].shape != c[0].shape or not np.array_equal(a[0], c[0])
@@ -264,8 +265,8 @@ def test_same_seed_same_output_different_seed_different():
         lambda p, n, r: split(p, n, 0.5, r),
         lambda p, n, r: reverse(p, n, 0.5, r),
         lambda p, n, r: add_noise(p, 0.3, 2.0, r, ANISO),
-        lambda p, n, r: augment(p, n, FULL, r, ANISO),
-        lambda p, n, r: augment(p, n, AugmentConfig(compress=0.2, split_ratio=1.0), r, ANISO),
+        lambda p, n, r: apply_augment(p, n, FULL, r, ANISO),
+        lambda p, n, r: apply_augment(p, n, AugmentConfig(compress=0.2, split_ratio=1.0), r, ANISO),
     ],
 )
 def test_inputs_not_mutated(call):
@@ -278,7 +279,7 @@ def test_inputs_not_mutated(call):
 
 def test_augment_default_config_is_identity():
     points, lengths = curvy_batch(12)
-    out, new_lengths, parent = augment(
+    out, new_lengths, parent = apply_augment(
         points, lengths, AugmentConfig(), np.random.default_rng(0), ANISO
     )
     np.testing.assert_array_equal(out, points)
@@ -289,7 +290,8 @@ def test_augment_default_config_is_identity():
 def test_augment_resample_then_split_parents_map_to_resampled_streamlines():
     points, lengths = curvy_batch(13, lo=20, hi=100)
     config = AugmentConfig(step_size=0.5, split_ratio=0.5)
-    out, new_lengths, parent = augment(points, lengths, config, np.random.default_rng(4), ANISO)
+    out, new_lengths, parent = apply_augment(points, lengths, config, np.random.default_rng(4),
+                                             ANISO)
     ref_points, ref_lengths = resample(points, lengths, 0.5, ANISO)
     ref = pieces(ref_points, ref_lengths)
     got = pieces(out, new_lengths)
@@ -345,8 +347,8 @@ def test_deterministic_and_is_random():
     assert det == AugmentConfig(step_size=0.7, noise_truncation=FULL.noise_truncation)
     assert AugmentConfig(compress=0.3, noise_mm=1.0).deterministic().compress == 0.3
     points, lengths = curvy_batch(14)
-    a = augment(points, lengths, det, np.random.default_rng(1), ANISO)
-    b = augment(points, lengths, det, np.random.default_rng(2), ANISO)
+    a = apply_augment(points, lengths, det, np.random.default_rng(1), ANISO)
+    b = apply_augment(points, lengths, det, np.random.default_rng(2), ANISO)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 

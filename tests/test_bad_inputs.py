@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tractrain.data.errors import TractrainError
+from tractrain.errors import TractrainError
 
 ALL_SUBPROCESS = os.environ.get("BAD_INPUTS_SUBPROCESS") == "1"
 TRAIN = ["--max-batches-train", "1", "--max-batches-valid", "1", "--batch-size", "600",

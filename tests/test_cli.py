@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, tmp_path):
                           "batch_size")
     assert_one_line_error(cli("train", *base, "--model", "no_such_pkg.mod:make"),
                           "--model", "cannot import")
-    assert_one_line_error(cli("train", *base, "--model", "tractrain.data.errors:__doc__"),
+    assert_one_line_error(cli("train", *base, "--model", "tractrain.errors:__doc__"),
                           "is not callable")
     assert_one_line_error(cli("train", *base[2:], "--store", tmp_path / "missing.zarr"),
                           "missing.zarr", "no such store")

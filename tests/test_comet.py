@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 from tractrain.hooks.comet import CometLogger
 
 LOSSES = [0.9, 0.7, 0.55, 0.5, 0.48]

@@ -1,4 +1,4 @@
-"""Disk errors (ENOSPC, EIO injected with `tractrain.hooks.atomic.fault_point`) during a
+"""Disk errors (ENOSPC, EIO injected with `tractrain.faults.fault_point`) during a
 checkpoint, best-model or log write: the run stops with one line naming the file and the OS
 error (exit status 1), the previous files are intact, no write debris is left, and a resume
 once the disk is fine continues from the previous checkpoint."""
@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tractrain import atomic, faults
+from tractrain.atomic import write_file
 from tractrain.bin.resume import main as resume_main
 from tractrain.bin.train import main as train_main
-from tractrain.hooks import atomic
-from tractrain.hooks.atomic import FAULT_ENV, write_file
+from tractrain.faults import FAULT_ENV
 
 ARGS = ["--max-batches-train", "2", "--max-batches-valid", "1", "--batch-size", "800",
         "--model-config", '{"hidden_size": 8}', "--device", "cpu", "--progress", "false"]
@@ -39,7 +40,7 @@ def one_epoch(phantom_store, tmp_path_factory):
 def fault(monkeypatch):
     def arm(spec: str) -> None:
         monkeypatch.setenv(FAULT_ENV, spec)
-        monkeypatch.setattr(atomic, "_fault_counts", {})
+        monkeypatch.setattr(faults, "_fault_counts", {})
     return arm
 
 

@@ -13,11 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tractrain.data.batch import Batch
-from tractrain.data.errors import CheckpointError, ConfigError
 from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
 from tractrain.engine import distributed
-from tractrain.engine.train import train_and_validate
+from tractrain.engine.fit import train_and_validate
+from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks.logs import read_logs
+from tractrain.util import unwrap
 
 WORLD = 2
 LR = 0.01
@@ -230,7 +231,7 @@ def test_resumed_distributed_run_matches_uninterrupted(ranks):
 
 def test_single_process_helpers_are_identities():
     model = make_model()
-    assert distributed.auto_model(model) is model and distributed.unwrap(model) is model
+    assert distributed.auto_model(model) is model and unwrap(model) is model
     assert distributed.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
     assert distributed.all_reduce_mean(3.0, 2.0) == 3.0
     assert distributed.is_main() and not distributed.is_distributed()

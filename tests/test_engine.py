@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tractrain import atomic
 from tractrain.data.batch import Batch
-from tractrain.data.errors import CheckpointError
 from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
-from tractrain.engine.train import train_and_validate
+from tractrain.engine.fit import train_and_validate
 from tractrain.engine.trainer import NonFiniteError
-from tractrain.hooks import atomic
+from tractrain.errors import CheckpointError
 from tractrain.hooks.logs import read_logs
 
 

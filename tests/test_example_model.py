@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tractrain.data.batch import Batch
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 from tractrain.examples.next_direction import loss_fn, make_model
 
 N_FEATURES = 4

@@ -14,13 +14,14 @@ import torch
 from ignite.engine import Engine
 
 from tractrain.data.augment import AugmentConfig
+from tractrain.data.batch import load_batch
 from tractrain.data.interpolation import InputConfig
-from tractrain.data.loader import load_batch
 from tractrain.data.sampler import SamplerConfig, epoch_batches, split_index
-from tractrain.data.tracker import Tracks
 from tractrain.examples.next_direction import loss_fn, make_model
+from tractrain.generation.scores import endpoint_scores
+from tractrain.generation.tracker import Tracks
 from tractrain.hooks.best_model import BestModel
-from tractrain.hooks.generation import METRICS, GenerationValidation, endpoint_scores
+from tractrain.hooks.generation import METRICS, GenerationValidation
 from tractrain.hooks.logs import NpyLogs, read_logs
 
 INPUTS = InputConfig("dwi")
@@ -108,7 +109,7 @@ def train_briefly(store, model, steps: int) -> None:
     while done < steps:
         for ids in epoch_batches(index, SamplerConfig(batch_size=32, units="streamlines"),
                                  seed=0, epoch=epoch):
-            batch = load_batch(store, ids, group="bundles", augment_config=augment,
+            batch = load_batch(store, ids, group="bundles", augment=augment,
                                rng=np.random.default_rng(done), inputs=INPUTS)
             loss, _ = loss_fn(model, batch)
             optimizer.zero_grad()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import CheckpointError, ConfigError
+from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks import best_model as best_model_module
 from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.logs import NpyLogs, read_logs

@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-from tractrain.data.errors import ConfigError
 from tractrain.data.interpolation import (
     InputConfig,
     bare_gather,
@@ -18,6 +17,7 @@ from tractrain.data.interpolation import (
     neighborhood_offsets,
     num_input_features,
 )
+from tractrain.errors import ConfigError
 
 SCIPY_MODE = {"zeros": "grid-constant", "clamp": "nearest"}
 

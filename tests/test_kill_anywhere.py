@@ -5,7 +5,7 @@ half-written, and the final weights and logs equal those of an uninterrupted run
 Kills at precise moments come from two test-only switches, both off by default:
 ``KILL_TEST_AT=train:N|valid:N`` (this module's `kill_loss`, given as ``--loss``, SIGKILLs its
 own process at the N-th training/validation batch) and ``TRACTRAIN_TEST_FAULT`` (see
-`tractrain.hooks.atomic.fault_point`: kills inside checkpoint, best-model and log writes).
+`tractrain.faults.fault_point`: kills inside checkpoint, best-model and log writes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from tractrain.hooks.atomic import FAULT_ENV
+from tractrain.faults import FAULT_ENV
 
 HERE = Path(__file__).resolve().parent
 DETERMINISTIC = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm", "lr")

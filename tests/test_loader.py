@@ -9,12 +9,12 @@ import torch
 from scipy import ndimage
 
 from tractrain.data.augment import AugmentConfig
-from tractrain.data.errors import ConfigError
+from tractrain.data.batch import DeviceInputs, load_batch
 from tractrain.data.feeding import make_dataloader
 from tractrain.data.interpolation import InputConfig
-from tractrain.data.loader import DeviceInputs, load_batch
 from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
 from tractrain.data.store import open_store
+from tractrain.errors import ConfigError
 
 GROUP = "bundles"
 AUG = AugmentConfig(step_size=1.0, split_ratio=0.5, reverse_ratio=0.5, noise_mm=0.2)
@@ -64,15 +64,15 @@ def test_load_batch_contents_match_store_and_scipy(phantom_store):
 
 def test_augmentation_is_a_pure_function_of_the_rng(phantom_store):
     ids = [("sub-00", np.arange(20)), ("sub-01", np.arange(5, 15))]
-    one, two = (load_batch(phantom_store, ids, group=GROUP, augment_config=AUG,
+    one, two = (load_batch(phantom_store, ids, group=GROUP, augment=AUG,
                            rng=np.random.default_rng(5)) for _ in range(2))
     _assert_equal(one, two)
-    other = load_batch(phantom_store, ids, group=GROUP, augment_config=AUG,
+    other = load_batch(phantom_store, ids, group=GROUP, augment=AUG,
                        rng=np.random.default_rng(6))
     assert not torch.equal(one.points, other.points)
     assert len(one) > 30  # split ratio 0.5 of 30 streamlines added halves
     with pytest.raises(ConfigError, match="needs an rng"):
-        load_batch(phantom_store, ids, group=GROUP, augment_config=AUG)
+        load_batch(phantom_store, ids, group=GROUP, augment=AUG)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ignite.engine import Engine, Events
 
-from tractrain.data.errors import ConfigError
 from tractrain.engine.optim import (
     EpochLR,
     current_lr,
@@ -18,6 +17,7 @@ from tractrain.engine.optim import (
     make_optimizer,
     parse_lr_schedule,
 )
+from tractrain.errors import ConfigError
 
 KINDS = {
     "adam": torch.optim.Adam,

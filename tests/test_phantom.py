@@ -13,8 +13,8 @@ from nibabel.streamlines import Field
 from scipy import ndimage
 
 from tractrain.bin.make_phantom import main
-from tractrain.data.errors import ConfigError
 from tractrain.data.phantom import default_splits, make_phantom
+from tractrain.errors import ConfigError
 
 SHAPE = (20, 20, 12)
 SMALL = {"shape": SHAPE, "streamlines_per_subject": 90}

@@ -14,7 +14,7 @@ import pytest
 
 from tractrain.bin.common import ArgumentParser, run, suggest
 from tractrain.bin.plot_logs import logs_table, main, plot_logs
-from tractrain.data.errors import ConfigError
+from tractrain.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRICS = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm", "lr")

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tractrain.data.errors import ConfigError
 from tractrain.data.sampler import (
     BatchSampler,
     BatchSpec,
@@ -25,6 +24,7 @@ from tractrain.data.sampler import (
     epoch_batches,
     split_index,
 )
+from tractrain.errors import ConfigError
 
 UNITS = ["streamlines", "points", "length_mm"]
 

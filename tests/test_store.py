@@ -16,8 +16,8 @@ from nibabel.streamlines import Tractogram
 from tractrain.data import builder
 from tractrain.data.builder import build_store
 from tractrain.data.cache import ByteLRU
-from tractrain.data.errors import ConfigError, StoreError
 from tractrain.data.store import expand_ranges, open_store
+from tractrain.errors import ConfigError, StoreError
 
 AFFINE = np.array([[2.0, 0, 0, -30], [0, 2.0, 0, -40], [0, 0, 2.5, -10], [0, 0, 0, 1]])
 SHAPE = (10, 12, 8)

@@ -1,4 +1,4 @@
-"""The tracker (data/tracker.py): each stopping rule alone, prefixes, both directions,
+"""The tracker (generation/tracker.py): each stopping rule alone, prefixes, both directions,
 determinism, the demo model's generation contract, devices."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tractrain.data.errors import ConfigError
 from tractrain.data.interpolation import InputConfig, interpolate
-from tractrain.data.tracker import (
+from tractrain.errors import ConfigError
+from tractrain.examples.next_direction import make_model
+from tractrain.generation.tracker import (
     STOP_CURVATURE,
     STOP_INVALID,
     STOP_LENGTH,
@@ -22,7 +23,6 @@ from tractrain.data.tracker import (
     continue_tracks,
     track,
 )
-from tractrain.examples.next_direction import make_model
 
 SHAPE = (40, 30, 20)
 VOXEL_SIZES = (2.0, 1.0, 1.0)  # anisotropic: a 1 mm step is half a voxel along x

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tractrain.data.errors import StoreError
 from tractrain.data.feeding import make_dataloader
 from tractrain.data.interpolation import InputConfig
 from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
 from tractrain.data.store import open_store
+from tractrain.errors import StoreError
 
 
 def zip_folder(folder: Path, out: Path, prefix: str = "", skip: str | None = None) -> Path:

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine
 
-from tractrain.data.errors import CheckpointError, ConfigError
-from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size, unwrap
+from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.rng import GlobalRNG
 from tractrain.engine.trainer import LossFn, create_evaluator, create_trainer
+from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.checkpoint import Checkpoint, check_model_state, load_checkpoint
 from tractrain.hooks.grad_norm import GradNorm
@@ -27,6 +27,7 @@ from tractrain.hooks.progress import Progress
 from tractrain.hooks.signals import GracefulStop
 from tractrain.hooks.timing import Timing
 from tractrain.hooks.validation import Validation
+from tractrain.util import unwrap
 
 
 def train_and_validate(

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from tractrain.data.batch import offsets_of
-from tractrain.data.errors import ConfigError
 from tractrain.data.interpolation import InputConfig, interpolate_inputs
+from tractrain.errors import ConfigError
 
 STOP_LENGTH, STOP_MASK, STOP_CURVATURE, STOP_SIGNAL, STOP_INVALID = 1, 2, 3, 4, 5
 STOP_NAMES = {STOP_LENGTH: "length", STOP_MASK: "mask", STOP_CURVATURE: "curvature",
@@ -189,7 +189,7 @@ def _state_map(fn: Callable[..., torch.Tensor], state, *others):
         return {k: _state_map(fn, v, *(o[k] for o in others)) for k, v in state.items()}
     raise ConfigError(f"model state: expected a tensor or a tuple/list/dict of tensors, got "
                       f"{type(state).__name__} (see the generation contract in "
-                      "tractrain.data.tracker)")
+                      "tractrain.generation.tracker)")
 
 
 def _take(state, rows: torch.Tensor):
@@ -351,7 +351,7 @@ def _checked_model(model) -> None:
         if not callable(getattr(model, name, None)):
             raise ConfigError(f"model {type(model).__name__}: has no {name}(); a tracked model "
                               "implements init_state(n, device) and step(inputs, prev_dir, "
-                              "state) (see tractrain.data.tracker)")
+                              "state) (see tractrain.generation.tracker)")
 
 
 def continue_tracks(model, field: TrackingField, points: torch.Tensor, lengths: torch.Tensor, *,

@@ -5,47 +5,20 @@ Folders are written as ``<name>.new``, fsynced, marked complete, then swapped in
 `repair_dir` finishes or rolls back a swap that a crash interrupted. A write that fails (disk
 full, I/O error) raises an `OSError` whose ``filename`` is the file or folder being written.
 
-Test-only, default off: ``TRACTRAIN_TEST_FAULT=<event>[@n][=kill|ENOSPC|EIO],...`` makes the
-process SIGKILL itself (``kill``, the default) or fail as a disk would (``OSError``) the n-th
-time (default 1st) it reaches ``event`` (see `fault_point`). Events, ``<name>`` being the file or
-folder name: ``write:<name>`` (half of a file's bytes written), ``replace:<name>`` (temporary file
-complete, before the rename), ``<name>:written`` (folder files written, not marked complete),
-``<name>:complete`` (marked complete, before the swap), ``<name>:swap`` (old folder moved
-aside, new one not yet in place).
+Test-only fault injection (``TRACTRAIN_TEST_FAULT``) lives in `tractrain.faults`.
 """
 
 from __future__ import annotations
 
-import errno as _errno
 import json
 import os
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from tractrain.faults import FAULT_ENV, fault_point
+
 COMPLETE_MARKER = ".complete"
-FAULT_ENV = "TRACTRAIN_TEST_FAULT"
-_fault_counts: dict[str, int] = {}
-
-
-def fault_point(event: str) -> None:
-    """Test hook (no-op unless ``TRACTRAIN_TEST_FAULT`` names ``event``): kill or fail here."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    for item in spec.split(","):
-        name, _, action = item.partition("=")
-        name, _, nth = name.partition("@")
-        if name != event:
-            continue
-        _fault_counts[event] = _fault_counts.get(event, 0) + 1
-        if _fault_counts[event] != int(nth or 1):
-            continue
-        if action in ("", "kill"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        code = getattr(_errno, action)
-        raise OSError(code, os.strerror(code))
 
 
 def _named(err: OSError, path: Path) -> OSError:

@@ -1,0 +1,1 @@
+"""Model inference: tracking with a trained model (the generation contract)."""
