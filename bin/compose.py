@@ -24,6 +24,7 @@ from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
 from tractrain.errors import ConfigError
+from tractrain.experiment import ExperimentDir
 
 # The demo dataset: 4 phantom subjects (2 train, 1 valid, 1 test), built in a few seconds.
 DEMO_PHANTOM = {"n_subjects": 4, "streamlines_per_subject": 300, "seed": 0}
@@ -183,10 +184,11 @@ def write_plot(exp_dir: Path) -> Path | None:
     """``<exp>/logs/plot.png`` of the run's logs (None if there are no logs yet)."""
     from tractrain.bin.plot_logs import plot_logs
 
-    if not (exp_dir / "logs").is_dir():
+    exp = ExperimentDir(exp_dir)
+    if not exp.logs.is_dir():
         return None
     figure = plot_logs([exp_dir])
-    out = exp_dir / "logs" / "plot.png"
+    out = exp.plot
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=100)
     atomic_write_bytes(out, png.getvalue())  # a kill mid-write leaves no truncated PNG
@@ -200,8 +202,9 @@ def summary(trainer, exp_dir: Path, plot: Path | None) -> str:
     best = getattr(trainer.state, "best_epoch", None)
     if best:
         lines.append(f"best epoch {best['epoch']}: {best['metric']} {best['value']:.4f}")
-    lines += [f"checkpoint: {exp_dir / 'checkpoint'}", f"best model: {exp_dir / 'best_model'}",
-              f"logs:       {exp_dir / 'logs'}"]
+    exp = ExperimentDir(exp_dir)
+    lines += [f"checkpoint: {exp.checkpoint}", f"best model: {exp.best_model}",
+              f"logs:       {exp.logs}"]
     if plot is not None:
         lines.append(f"plot:       {plot}")
     lines.append(f"resume or extend with: tractrain-resume {exp_dir} --max-epochs N")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import sys
@@ -24,9 +23,8 @@ from matplotlib.ticker import MaxNLocator
 from tractrain.atomic import atomic_write_bytes
 from tractrain.bin.common import ArgumentParser, run, suggest
 from tractrain.errors import ConfigError
+from tractrain.experiment import ExperimentDir, read_best_epoch, read_logs
 
-LOGS_DIR = "logs"
-BEST_EPOCH_FILE = "best_epoch.json"
 DEFAULT_METRICS = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm", "lr")
 PANEL_TITLES = {"loss": "loss", "grad_norm": "gradient norm", "lr": "learning rate"}
 # Metrics that differ only by one of these prefixes share a panel (train_loss + valid_loss).
@@ -40,44 +38,6 @@ def panel_key(metric: str) -> str:
         if metric.startswith(prefix) and len(metric) > len(prefix):
             return metric[len(prefix):]
     return metric
-
-
-def read_logs(exp_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``{metric: 1-D float64 array}`` of an experiment (value ``i`` is epoch ``i + 1``)."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        raise ConfigError(f"{exp_dir}: experiment folder not found")
-    folder = exp_dir / LOGS_DIR
-    files = sorted(p for p in folder.glob("*.npy") if not p.name.startswith(".")) \
-        if folder.is_dir() else []
-    if not files:
-        raise ConfigError(f"{exp_dir}: no logs (expected {folder}/<metric>.npy files)")
-    logs = {}
-    for path in files:
-        try:
-            values = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: not a readable .npy file ({e})") from e
-        if values.ndim != 1 or not np.issubdtype(values.dtype, np.number):
-            raise ConfigError(f"{path}: expected a 1-D numeric array (one value per epoch), got "
-                              f"{values.dtype} with shape {values.shape}")
-        logs[path.stem] = values.astype(np.float64)
-    return logs
-
-
-def read_best_epoch(exp_dir: str | os.PathLike) -> dict | None:
-    """``best_epoch.json`` of an experiment, or None if there is none."""
-    path = Path(exp_dir) / BEST_EPOCH_FILE
-    if not path.is_file():
-        return None
-    try:
-        best = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    epoch = best.get("epoch") if isinstance(best, dict) else None
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-        raise ConfigError(f"{path}: expected a dict with an integer 'epoch' >= 1")
-    return best
 
 
 def _labels(experiments: Sequence[str | os.PathLike]) -> list[str]:
@@ -245,7 +205,7 @@ def make_parser() -> ArgumentParser:
 
 def plot_command(args: argparse.Namespace) -> int:
     """Write the PNG (and CSV); print the path(s) written."""
-    out = Path(args.out) if args.out else Path(args.experiments[0]) / LOGS_DIR / "plot.png"
+    out = Path(args.out) if args.out else ExperimentDir(args.experiments[0]).plot
     if args.out:
         _check_output(out, "--out")
     if args.csv:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from tractrain.atomic import atomic_write_bytes, atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import convert
 from tractrain.errors import CheckpointError
+from tractrain.experiment import ExperimentDir, read_config
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
 
@@ -35,36 +35,25 @@ def make_parser() -> ArgumentParser:
     return parser
 
 
-def load_experiment_config(exp_dir: Path) -> dict:
-    path = exp_dir / "config.json"
-    if not exp_dir.is_dir():
-        raise CheckpointError(f"{exp_dir}: no such experiment folder")
-    if not path.is_file():
-        raise CheckpointError(f"{exp_dir}: not a tractrain experiment (no config.json)")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except ValueError:  # not UTF-8 or not JSON
-        raise CheckpointError(f"{path}: unreadable (not UTF-8 JSON)") from None
-
-
 def resume(args: argparse.Namespace) -> int:
     from tractrain.bin.train import train_to_end
     from tractrain.hooks.checkpoint import read_meta
 
     exp_dir = Path(args.experiment)
-    config = load_experiment_config(exp_dir)
+    config = read_config(exp_dir)
     read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
     for name in OVERRIDES:
         value = getattr(args, name)
         if value is not None:
             config[name] = convert(name, value, "--" + name.replace("_", "-"))
-    before = (exp_dir / "config.json").read_bytes()
-    atomic_write_json(exp_dir / "config.json", config)  # the extended limits, for next time
+    config_path = ExperimentDir(exp_dir).config
+    before = config_path.read_bytes()
+    atomic_write_json(config_path, config)  # the extended limits, for next time
     try:
         return train_to_end(config, exp_dir, resume=True, debug=args.debug,
                             prog="tractrain-resume")
     except CheckpointError:  # refused before training: keep the folder as it was
-        atomic_write_bytes(exp_dir / "config.json", before)
+        atomic_write_bytes(config_path, before)
         raise
 
 

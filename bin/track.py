@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from tractrain.bin.common import ArgumentParser, run
-from tractrain.bin.resume import load_experiment_config
 from tractrain.errors import CheckpointError, ConfigError
+from tractrain.experiment import CONFIG_FILE, ExperimentDir, read_best_model, read_config
 
 SEED_SOURCES = ("mask", "valid-streamlines")
 
@@ -77,19 +77,19 @@ def input_config(config: dict):
 def load_model(exp_dir: Path, config: dict, use_checkpoint: bool) -> torch.nn.Module:
     """The experiment's model with the best (or latest checkpoint) weights, on the CPU."""
     from tractrain.bin.compose import import_object
-    from tractrain.hooks.best_model import BestModel
     from tractrain.hooks.checkpoint import check_model_state, load_checkpoint
 
-    best_weights, model_config = BestModel.load(exp_dir)
+    best_model = ExperimentDir(exp_dir).best_model
+    best_weights, model_config = read_best_model(exp_dir)
     if not isinstance(model_config, dict) or "factory" not in model_config:
-        raise CheckpointError(f"{exp_dir / 'best_model' / 'config.json'}: no model config with "
+        raise CheckpointError(f"{best_model / CONFIG_FILE}: no model config with "
                               "a 'factory' (was the model saved by tractrain-train?)")
     factory = import_object(model_config["factory"], "model")
     model = factory({k: v for k, v in model_config.items() if k != "factory"})
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{model_config['factory']}: returned {type(model).__name__}, "
                           "expected a torch.nn.Module")
-    weights, where = best_weights, str(exp_dir / "best_model")
+    weights, where = best_weights, str(best_model)
     if use_checkpoint:
         meta, states = load_checkpoint(exp_dir)
         if "model" not in states:
@@ -171,7 +171,7 @@ def track_command(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.seed_points < 1:
         raise ConfigError("--seeds and --seed-points: expected integers >= 1")
     exp_dir = Path(args.experiment)
-    config = load_experiment_config(exp_dir)
+    config = read_config(exp_dir)
     store_path = args.store or config.get("store")
     if store_path is None:
         raise ConfigError(f"{exp_dir}: trained on the demo store; pass --store PATH")

@@ -14,6 +14,7 @@ from pathlib import Path
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
+from tractrain.experiment import ExperimentDir
 
 EXIT_FAILED = 1
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -46,7 +47,7 @@ def prepare_experiment(config: dict, force: bool) -> Path:
             )
         shutil.rmtree(exp_dir)
     exp_dir.mkdir(parents=True)
-    atomic_write_json(exp_dir / "config.json", config)
+    atomic_write_json(ExperimentDir(exp_dir).config, config)
     return exp_dir
 
 
@@ -104,7 +105,7 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
         if debug:
             raise
         print(f"{prog}: stopped: {err}; last good checkpoint kept in "
-              f"{exp_dir / 'checkpoint'}", file=sys.stderr)
+              f"{ExperimentDir(exp_dir).checkpoint}", file=sys.stderr)
         return EXIT_FAILED
     return finish(trainer, exp_dir)
 
@@ -114,12 +115,13 @@ def train(args: argparse.Namespace) -> int:
     config = resolve(file_options, vars(args))
     preflight(config)
     exp_dir = prepare_experiment(config, args.force)
-    print(f"experiment: {exp_dir}  (config: {exp_dir / 'config.json'})", flush=True)
+    config_path = ExperimentDir(exp_dir).config
+    print(f"experiment: {exp_dir}  (config: {config_path})", flush=True)
     try:
         return train_to_end(config, exp_dir, resume=False, debug=args.debug,
                             prog="tractrain-train")
     except BaseException:
-        if exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {"config.json"}:
+        if exp_dir.is_dir() and set(exp_dir.iterdir()) <= {config_path}:
             shutil.rmtree(exp_dir)  # failed before training started: leave nothing
         raise
 

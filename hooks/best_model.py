@@ -6,6 +6,8 @@ Layout (written atomically, folder swapped in by `atomic_write_dir`)::
     <exp>/best_model/config.json      the model_config given to BestModel (null if none)
     <exp>/best_model/best_epoch.json  same record as below, kept with the weights
     <exp>/best_epoch.json             {"epoch", "metric", "value", "train_loss", "valid_loss"}
+
+Read it back with `tractrain.experiment.read_best_model`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import io
 import json
 import math
 import os
-import pickle
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,17 +26,19 @@ from ignite.engine import Engine, Events
 from tractrain.atomic import (
     atomic_write_dir,
     atomic_write_json,
-    is_complete,
     remove_stale_temps,
     repair_dir,
     write_file,
 )
-from tractrain.errors import CheckpointError, ConfigError
+from tractrain.errors import ConfigError
+from tractrain.experiment import (
+    BEST_EPOCH_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    ExperimentDir,
+)
 from tractrain.hooks.monitor import Monitor
 from tractrain.util import to_float, unwrap
-
-BEST_DIR = "best_model"
-BEST_EPOCH_FILE = "best_epoch.json"
 
 
 def cpu_state_dict(model: torch.nn.Module) -> dict:
@@ -81,7 +83,7 @@ class BestModel:
                 json.dumps(model_config, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"BestModel model_config must be JSON-serialisable: {e}") from e
-        self.exp_dir = Path(exp_dir)
+        self.exp_dir = ExperimentDir(exp_dir)
         self.model = model
         self.model_config = None if model_config is None else dict(model_config)
         self.monitor = Monitor(metric, mode, min_delta, owner="BestModel")
@@ -122,14 +124,14 @@ class BestModel:
         def write(folder: Path) -> None:
             buffer = io.BytesIO()  # in memory first: a full disk raises OSError naming the folder
             torch.save(weights, buffer)
-            write_file(folder / "model.pt", buffer.getvalue())
-            write_file(folder / "config.json",
+            write_file(folder / MODEL_FILE, buffer.getvalue())
+            write_file(folder / CONFIG_FILE,
                        (json.dumps(self.model_config, indent=2) + "\n").encode())
             write_file(folder / BEST_EPOCH_FILE, (json.dumps(record, indent=2) + "\n").encode())
 
-        self.exp_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_dir(self.exp_dir / BEST_DIR, write)
-        atomic_write_json(self.exp_dir / BEST_EPOCH_FILE, record)
+        self.exp_dir.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_dir(self.exp_dir.best_model, write)
+        atomic_write_json(self.exp_dir.best_epoch, record)
 
     def state_dict(self) -> dict:
         return {"monitor": self.monitor.state_dict(), "best": self.best}
@@ -139,31 +141,6 @@ class BestModel:
         self.monitor.load_state_dict(state["monitor"])
         best = state.get("best")
         self.best = None if best is None else dict(best)
-        if idist.get_rank() == 0 and self.exp_dir.is_dir():
-            repair_dir(self.exp_dir / BEST_DIR)
-            remove_stale_temps(self.exp_dir)
-
-    @staticmethod
-    def load(exp_dir: str | os.PathLike) -> tuple[dict, dict | None]:
-        """``(state_dict, model_config)`` of the best model saved in ``exp_dir``.
-
-        Reads only: if a crash interrupted a folder swap, the complete copy
-        (``best_model.new`` or ``best_model.old``) is read instead.
-        """
-        base = Path(exp_dir) / BEST_DIR
-        candidates = [base, base.with_name(BEST_DIR + ".new"), base.with_name(BEST_DIR + ".old")]
-        folder = next((c for c in candidates if is_complete(c)), None)
-        if folder is None:
-            raise CheckpointError(f"{base}: no complete best model (expected model.pt there)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch warns about the pickle protocol
-                weights = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise CheckpointError(f"{folder / 'model.pt'}: refused: not a plain tensor file "
-                                  f"(weights_only load failed: {first})") from None
-        if not isinstance(weights, dict):
-            raise CheckpointError(f"{folder / 'model.pt'}: expected a dict of tensors")
-        return weights, config
+        if idist.get_rank() == 0 and self.exp_dir.root.is_dir():
+            repair_dir(self.exp_dir.best_model)
+            remove_stale_temps(self.exp_dir.root)

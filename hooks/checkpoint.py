@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-import pickle
-import warnings
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -22,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from tractrain.atomic import atomic_write_dir, repair_dir, write_file
 from tractrain.errors import CheckpointError
+from tractrain.experiment import CONFIG_FILE, LOGS_DIR, ExperimentDir, load_weights
 
 FORMAT_NAME = "tractrain-checkpoint"
 FORMAT_VERSION = 1
@@ -37,8 +36,8 @@ class Checkpoint:
 
     def __init__(self, exp_dir, objects: dict, config: dict | None = None,
                  every_iterations: int | None = None) -> None:
-        self.exp_dir = Path(exp_dir)
-        self.path = self.exp_dir / "checkpoint"
+        self.exp_dir = ExperimentDir(exp_dir)
+        self.path = self.exp_dir.checkpoint
         self.objects = dict(objects)
         self.config = config
         self.every_iterations = every_iterations
@@ -87,7 +86,7 @@ class Checkpoint:
         }
         if "position" in states:
             meta["position"] = states["position"]
-        logs = self.exp_dir / "logs"
+        logs = self.exp_dir.logs
 
         def write(folder: Path) -> None:
             # serialised in memory first: a full disk then raises OSError, not torch's
@@ -96,12 +95,12 @@ class Checkpoint:
             torch.save(states, buffer)
             write_file(folder / "state.pt", buffer.getvalue())
             write_file(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-            write_file(folder / "config.json", (json.dumps(self.config, indent=2) + "\n").encode())
+            write_file(folder / CONFIG_FILE, (json.dumps(self.config, indent=2) + "\n").encode())
             if logs.is_dir():
-                (folder / "logs").mkdir()
+                (folder / LOGS_DIR).mkdir()
                 for path in sorted(logs.iterdir()):
                     if path.is_file() and not path.name.startswith("."):
-                        write_file(folder / "logs" / path.name, path.read_bytes())
+                        write_file(folder / LOGS_DIR / path.name, path.read_bytes())
 
         atomic_write_dir(self.path, write)
         self.saves += 1
@@ -126,12 +125,13 @@ def _version() -> str:
 def read_meta(path) -> dict:
     """``meta.json`` of the checkpoint folder ``path`` (``<exp>`` or ``<exp>/checkpoint``)."""
     folder = Path(path)
-    if (folder / "checkpoint").is_dir() or not (folder / "meta.json").exists():
-        repair_dir(folder / "checkpoint")
-        folder = folder / "checkpoint" if (folder / "checkpoint").is_dir() else folder
+    inner = ExperimentDir(folder).checkpoint
+    if inner.is_dir() or not (folder / "meta.json").exists():
+        repair_dir(inner)
+        folder = inner if inner.is_dir() else folder
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"{path}: not a tractrain checkpoint (no checkpoint/meta.json)")
+        raise CheckpointError(f"{path}: not a tractrain checkpoint (no {inner.name}/meta.json)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
@@ -149,21 +149,7 @@ def read_meta(path) -> dict:
 def load_checkpoint(path) -> tuple[dict, dict]:
     """``(meta, states)`` of a checkpoint; refuses anything but plain tensors and values."""
     meta = read_meta(path)
-    state_path = Path(meta["folder"]) / "state.pt"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about the pickle protocol
-            states = torch.load(state_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_path}: missing (incomplete checkpoint)") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{state_path}: refused: not a plain tensor/JSON checkpoint "
-            f"(weights_only load failed: {first[:160]})"
-        ) from None
-    if not isinstance(states, dict):
-        raise CheckpointError(f"{state_path}: expected a dict of states")
+    states = load_weights(Path(meta["folder"]) / "state.pt", "checkpoint")
     return meta, states
 
 

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tractrain.errors import ConfigError
+from tractrain.experiment import ExperimentDir
 from tractrain.util import reraise_if_last
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
 LOGGER = logging.getLogger(__name__)
-
-COMET_DIR = "comet"
 
 # Everything comet_ml could collect on its own is off: only what the hook logs is recorded.
 QUIET_SETTINGS = dict(
@@ -151,10 +150,10 @@ class CometLogger:
             raise ConfigError(f"CometLogger: params must be a dict, got {type(params).__name__}")
         if online is not None and not isinstance(online, bool):
             raise ConfigError(f"CometLogger: online must be true, false or null, got {online!r}")
-        self.exp_dir = Path(exp_dir)
+        self.exp_dir = ExperimentDir(exp_dir)
         self.project_name = project_name
         self.workspace = workspace
-        self.experiment_name = experiment_name or self.exp_dir.resolve().name
+        self.experiment_name = experiment_name or self.exp_dir.root.resolve().name
         self.params = _jsonable(dict(params)) if params is not None else None
         self.online = online
         self.experiment = None
@@ -165,7 +164,7 @@ class CometLogger:
     @property
     def offline_dir(self) -> Path:
         """Folder of the offline archives (``<exp_dir>/comet``)."""
-        return self.exp_dir / COMET_DIR
+        return self.exp_dir.comet
 
     @property
     def experiment_key(self) -> str | None:

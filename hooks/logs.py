@@ -20,10 +20,8 @@ from ignite.engine import Engine, Events
 
 from tractrain.atomic import atomic_write_bytes, fsync_dir, remove_stale_temps
 from tractrain.errors import CheckpointError, ConfigError
+from tractrain.experiment import ExperimentDir
 from tractrain.util import to_float
-
-LOGS_DIR = "logs"
-CSV_NAME = "logs.csv"
 
 
 def _check_name(name: str) -> str:
@@ -45,14 +43,14 @@ class NpyLogs:
     """
 
     def __init__(self, exp_dir: str | os.PathLike, metrics: Iterable[str] | None = None) -> None:
-        self.exp_dir = Path(exp_dir)
+        self.exp_dir = ExperimentDir(exp_dir)
         self.metrics = None if metrics is None else [_check_name(m) for m in metrics]
         self.epochs: list[int] = []
         self.values: dict[str, list[float]] = {m: [] for m in self.metrics or []}
 
     @property
     def logs_dir(self) -> Path:
-        return self.exp_dir / LOGS_DIR
+        return self.exp_dir.logs
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.STARTED, self._on_started)
@@ -130,7 +128,7 @@ class NpyLogs:
         for i, epoch in enumerate(self.epochs):
             cells = (self.values[n][i] for n in names)
             writer.writerow([epoch, *("" if math.isnan(v) else repr(v) for v in cells)])
-        files[CSV_NAME] = text.getvalue().encode()
+        files[self.exp_dir.logs_csv.name] = text.getvalue().encode()
         previous: dict[str, bytes | None] = {}
         try:
             for name, data in files.items():
@@ -176,14 +174,3 @@ class NpyLogs:
         if idist.get_rank() == 0:
             remove_stale_temps(self.logs_dir)  # left by a process killed while writing
 
-
-def read_logs(exp_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``{metric: 1-D float64 array}`` from ``<exp_dir>/logs/*.npy``."""
-    folder = Path(exp_dir) / LOGS_DIR
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: no logs folder (expected <exp>/logs/<metric>.npy files)")
-    return {
-        p.stem: np.load(p, allow_pickle=False)
-        for p in sorted(folder.glob("*.npy"))
-        if not p.name.startswith(".")
-    }

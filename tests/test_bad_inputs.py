@@ -436,7 +436,7 @@ def plot_bad_best_epoch(ctx, tmp):
 
 
 def best_model_malicious(ctx, tmp):
-    from tractrain.hooks.best_model import BestModel
+    from tractrain.experiment import read_best_model
 
     exp = experiment(ctx, tmp)
 
@@ -445,7 +445,7 @@ def best_model_malicious(ctx, tmp):
             return (os.system, (f"touch {tmp / 'pwned'}",))
 
     (exp / "best_model" / "model.pt").write_bytes(pickle.dumps({"w": Payload()}))
-    return "python", lambda: BestModel.load(exp)
+    return "python", lambda: read_best_model(exp)
 
 
 # (name, setup, fragments the one line must contain); REAL ones also run as subprocesses.

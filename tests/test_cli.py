@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tractrain.hooks.logs import read_logs
+from tractrain.experiment import read_logs
 
 PY = [sys.executable, "-m"]
 SMALL = ["--max-batches-train", "6", "--max-batches-valid", "2", "--batch-size", "1500",

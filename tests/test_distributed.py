@@ -17,7 +17,7 @@ from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
 from tractrain.engine import distributed
 from tractrain.engine.fit import train_and_validate
 from tractrain.errors import CheckpointError, ConfigError
-from tractrain.hooks.logs import read_logs
+from tractrain.experiment import read_logs
 from tractrain.util import unwrap
 
 WORLD = 2

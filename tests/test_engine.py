@@ -18,7 +18,7 @@ from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.trainer import NonFiniteError
 from tractrain.errors import CheckpointError
-from tractrain.hooks.logs import read_logs
+from tractrain.experiment import read_logs
 
 
 def make_index(split, n=(30, 25), seed=0):

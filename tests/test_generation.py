@@ -18,11 +18,12 @@ from tractrain.data.batch import load_batch
 from tractrain.data.interpolation import InputConfig
 from tractrain.data.sampler import SamplerConfig, epoch_batches, split_index
 from tractrain.examples.next_direction import loss_fn, make_model
+from tractrain.experiment import read_logs
 from tractrain.generation.scores import endpoint_scores
 from tractrain.generation.tracker import Tracks
 from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.generation import METRICS, GenerationValidation
-from tractrain.hooks.logs import NpyLogs, read_logs
+from tractrain.hooks.logs import NpyLogs
 
 INPUTS = InputConfig("dwi")
 

@@ -13,9 +13,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from tractrain.errors import CheckpointError, ConfigError
+from tractrain.experiment import read_best_model, read_logs
 from tractrain.hooks import best_model as best_model_module
 from tractrain.hooks.best_model import BestModel
-from tractrain.hooks.logs import NpyLogs, read_logs
+from tractrain.hooks.logs import NpyLogs
 from tractrain.hooks.monitor import Monitor
 from tractrain.hooks.patience import Patience
 from tractrain.hooks.progress import Progress
@@ -160,7 +161,7 @@ def test_best_model_saves_only_on_improvement(tmp_path, monkeypatch):
     run(trainer, max_epochs=6)
     assert seen == [1, 2, 3, 4, 5, 6]
     assert len(written) == 3  # epochs 1, 2 and 4
-    state_dict, loaded_config = BestModel.load(tmp_path)
+    state_dict, loaded_config = read_best_model(tmp_path)
     assert loaded_config == config
     rebuilt = torch.nn.Linear(config["in"], config["out"])
     rebuilt.load_state_dict(state_dict)
@@ -177,7 +178,7 @@ def test_best_model_falls_back_to_train_loss(tmp_path):
     assert record == {
         "epoch": 2, "metric": "train_loss", "value": 1.0, "train_loss": 1.0, "valid_loss": None,
     }
-    weights, config = BestModel.load(tmp_path)
+    weights, config = read_best_model(tmp_path)
     assert config is None
     assert torch.equal(weights["bias"], torch.tensor([2.0]))
 
@@ -219,7 +220,7 @@ def test_best_model_resumes_best_value(tmp_path, monkeypatch):
     assert len(written) == 3
     assert json.loads((tmp_path / "best_epoch.json").read_text())["epoch"] == 5
     with pytest.raises(CheckpointError, match="best_model"):
-        BestModel.load(tmp_path / "nowhere")
+        read_best_model(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="model_config"):
         BestModel(tmp_path, model, {"activation": torch.nn.ReLU})
 

@@ -1,0 +1,184 @@
+"""The experiment folder: its layout, in one place, and the readers of what it holds.
+
+Layout of ``<exp>/`` (written by `tractrain-train`'s hooks)::
+
+    config.json         the resolved options of the run
+    checkpoint/         the latest checkpoint (`tractrain.hooks.checkpoint`), with copies of
+                        config.json and logs/
+    best_model/         model.pt (weights), config.json (model config), best_epoch.json
+    best_epoch.json     {"epoch", "metric", "value", "train_loss", "valid_loss"}
+    logs/<metric>.npy   one value per epoch; logs/logs.csv the same table; logs/plot.png
+    comet/              offline Comet archives
+
+Every hook and command takes its paths from `ExperimentDir`; every weights file is read by
+`load_weights` (``torch.load(weights_only=True)``: plain tensors and values only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tractrain.atomic import is_complete
+from tractrain.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+BEST_MODEL_DIR = "best_model"
+BEST_EPOCH_FILE = "best_epoch.json"
+MODEL_FILE = "model.pt"
+LOGS_DIR = "logs"
+CSV_FILE = "logs.csv"
+PLOT_FILE = "plot.png"
+COMET_DIR = "comet"
+
+
+@dataclass(frozen=True)
+class ExperimentDir:
+    """Named paths of an experiment folder; usable wherever a path is (``os.fspath``)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def best_model(self) -> Path:
+        return self.root / BEST_MODEL_DIR
+
+    @property
+    def best_epoch(self) -> Path:
+        return self.root / BEST_EPOCH_FILE
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS_DIR
+
+    @property
+    def logs_csv(self) -> Path:
+        return self.logs / CSV_FILE
+
+    @property
+    def plot(self) -> Path:
+        return self.logs / PLOT_FILE
+
+    @property
+    def comet(self) -> Path:
+        return self.root / COMET_DIR
+
+
+def load_weights(path: str | os.PathLike, what: str) -> dict:
+    """The dict saved at ``path`` by ``torch.save``, on the CPU, loaded with
+    ``weights_only=True``; a one-line `CheckpointError` (naming ``path`` and ``what``, e.g.
+    "checkpoint") if it is missing, unreadable or holds anything but tensors and plain values."""
+    import torch  # here, not at the top: commands that only need paths start faster
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (incomplete {what})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: refused: not a plain tensor/JSON {what} "
+                              f"(weights_only load failed: {first[:160]})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors ({what})")
+    return loaded
+
+
+def read_config(exp_dir: str | os.PathLike) -> dict:
+    """``config.json`` of an experiment; a one-line `CheckpointError` if there is none."""
+    exp = ExperimentDir(exp_dir)
+    if not exp.root.is_dir():
+        raise CheckpointError(f"{exp}: no such experiment folder")
+    if not exp.config.is_file():
+        raise CheckpointError(f"{exp}: not a tractrain experiment (no {CONFIG_FILE})")
+    try:
+        return json.loads(exp.config.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8 or not JSON
+        raise CheckpointError(f"{exp.config}: unreadable (not UTF-8 JSON)") from None
+
+
+def read_best_model(exp_dir: str | os.PathLike) -> tuple[dict, dict | None]:
+    """``(state_dict, model_config)`` of the best model saved in ``exp_dir``.
+
+    Reads only: if a crash interrupted a folder swap, the complete copy
+    (``best_model.new`` or ``best_model.old``) is read instead.
+    """
+    base = ExperimentDir(exp_dir).best_model
+    candidates = [base, base.with_name(base.name + ".new"), base.with_name(base.name + ".old")]
+    folder = next((c for c in candidates if is_complete(c)), None)
+    if folder is None:
+        raise CheckpointError(f"{base}: no complete best model (expected {MODEL_FILE} there)")
+    weights = load_weights(folder / MODEL_FILE, "best model")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable model config ({err})") from None
+    return weights, config
+
+
+def read_logs(exp_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``{metric: 1-D float64 array}`` of an experiment (value ``i`` is epoch ``i + 1``)."""
+    import numpy as np
+
+    exp = ExperimentDir(exp_dir)
+    if not exp.root.is_dir():
+        raise ConfigError(f"{exp}: experiment folder not found")
+    folder = exp.logs
+    files = sorted(p for p in folder.glob("*.npy") if not p.name.startswith(".")) \
+        if folder.is_dir() else []
+    if not files:
+        raise ConfigError(f"{exp}: no logs (expected {folder}/<metric>.npy files)")
+    logs = {}
+    for path in files:
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable .npy file ({e})") from e
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.number):
+            raise ConfigError(f"{path}: expected a 1-D numeric array (one value per epoch), got "
+                              f"{values.dtype} with shape {values.shape}")
+        logs[path.stem] = values.astype(np.float64)
+    return logs
+
+
+def read_best_epoch(exp_dir: str | os.PathLike) -> dict | None:
+    """``best_epoch.json`` of an experiment, or None if there is none."""
+    path = ExperimentDir(exp_dir).best_epoch
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    epoch = best.get("epoch") if isinstance(best, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise ConfigError(f"{path}: expected a dict with an integer 'epoch' >= 1")
+    return best
