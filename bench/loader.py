@@ -72,8 +72,10 @@ from tractrain.data.interpolation import (
     interpolate_inputs,
     neighborhood_offsets,
 )
+from tractrain.data.packing import SamplerConfig, batch_rng
 from tractrain.data.phantom import make_phantom
-from tractrain.data.sampler import BatchSampler, SamplerConfig, batch_rng, split_index
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import split_index
 from tractrain.data.store import open_store
 from tractrain.errors import TractrainError
 
