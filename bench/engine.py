@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from ignite.engine import Events
 
 from tractrain.data.batch import Batch
-from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
+from tractrain.data.packing import SamplerConfig
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import SplitIndex
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.trainer import create_trainer

@@ -62,18 +62,16 @@ import numpy as np
 import torch
 
 from tractrain.atomic import is_complete
+from tractrain.data import interpolation
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import load_batch
 from tractrain.data.builder import build_store
 from tractrain.data.feeding import make_dataloader
-from tractrain.data.interpolation import (
-    InputConfig,
-    bare_gather,
-    interpolate_inputs,
-    neighborhood_offsets,
-)
+from tractrain.data.interpolation import InputConfig, interpolate_inputs, neighborhood_offsets
+from tractrain.data.packing import SamplerConfig, batch_rng
 from tractrain.data.phantom import make_phantom
-from tractrain.data.sampler import BatchSampler, SamplerConfig, batch_rng, split_index
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import split_index
 from tractrain.data.store import open_store
 from tractrain.errors import TractrainError
 
@@ -293,6 +291,19 @@ def time_naive(store_path: str, name: str, lazy: bool, batches: int, batch_size:
     return {"config": name, "lazy": lazy, "batches": len(specs) - 1, "streamlines": n_streamlines,
             "points": n_points, "seconds": seconds,
             "streamlines_per_s": n_streamlines / seconds, "points_per_s": n_points / seconds}
+
+
+def bare_gather(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Baseline of the interpolation timing: index_select of the 8 corner voxels of every point.
+
+    Returns (M * 8, F) in the volume's dtype, no weights, rows in the order
+    `interpolation.interpolate` gathers them (corner-major on CPU: row ``k * M + m`` is corner
+    ``k`` of point ``m``; point-major elsewhere): the memory-bound limit of the interpolation.
+    """
+    lo = torch.floor(points.to(torch.float32)).to(torch.int64)
+    layout = interpolation.is_corner_major(volume.device)
+    index = interpolation.corner_index(lo, volume.shape[:3], layout)
+    return volume.reshape(-1, volume.shape[3]).index_select(0, index)
 
 
 def time_interpolation(store_path: str, dtype: str, batches: int, batch_size: int,

@@ -60,7 +60,9 @@ def child(args: argparse.Namespace) -> None:
     from tractrain.data.augment import AugmentConfig
     from tractrain.data.feeding import make_dataloader
     from tractrain.data.interpolation import InputConfig
-    from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
+    from tractrain.data.packing import SamplerConfig
+    from tractrain.data.sampler import BatchSampler
+    from tractrain.data.split_index import split_index
     from tractrain.data.store import open_store
 
     torch.set_num_threads(1)

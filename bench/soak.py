@@ -20,7 +20,9 @@ from ignite.engine import Events
 from torch.utils.data import DataLoader, Dataset
 
 from tractrain.data.batch import Batch
-from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
+from tractrain.data.packing import SamplerConfig
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import SplitIndex
 from tractrain.engine.fit import train_and_validate
 
 

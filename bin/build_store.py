@@ -25,7 +25,8 @@ def make_parser() -> ArgumentParser:
 
 
 def build(args: argparse.Namespace) -> int:
-    from tractrain.data.builder import build_store, load_config
+    from tractrain.data.build_config import load_config
+    from tractrain.data.builder import build_store
 
     config = load_config(args.config)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent

@@ -18,7 +18,9 @@ from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.feeding import make_dataloader
 from tractrain.data.interpolation import InputConfig, num_input_features
-from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
+from tractrain.data.packing import SamplerConfig
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import split_index
 from tractrain.data.store import open_store
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate

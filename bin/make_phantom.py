@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from tractrain.errors import TractrainError
+from tractrain.bin.common import ArgumentParser, run
+from tractrain.errors import ConfigError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options of ``make_phantom``."""
-    parser = argparse.ArgumentParser(
+def make_parser() -> ArgumentParser:
+    """The command-line options of ``tractrain-make-phantom``."""
+    parser = ArgumentParser(
         prog="tractrain-make-phantom",
         description="Write a deterministic synthetic dataset (dwi.nii.gz, mask.nii.gz, "
         "bundles.trk per subject) and its store-builder config.json into OUTDIR.",
@@ -37,28 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (2 for a refused OUTDIR or bad option)."""
-    args = build_parser().parse_args(argv)
+def make(args: argparse.Namespace) -> int:
+    """Write the phantom of ``args``; a non-empty OUTDIR without ``--force`` is refused."""
     outdir = Path(args.outdir)
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())) and not args.force:
-        print(f"error: OUTDIR {outdir} exists and is not empty (use --force to replace it)",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"OUTDIR {outdir} exists and is not empty (use --force to replace it)")
     from tractrain.data.phantom import make_phantom  # heavy imports after the checks
 
     start = time.perf_counter()
-    try:
-        summary = make_phantom(
-            outdir, n_subjects=args.subjects, shape=tuple(args.shape),
-            voxel_size=args.voxel_size, n_bundles=args.bundles,
-            streamlines_per_subject=args.streamlines, step_mm=args.step,
-            features=args.features, sh_order=args.sh_order, snr=args.snr, seed=args.seed,
-            overwrite=args.force, progress=lambda line: print(line, flush=True),
-        )
-    except TractrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = make_phantom(
+        outdir, n_subjects=args.subjects, shape=tuple(args.shape),
+        voxel_size=args.voxel_size, n_bundles=args.bundles,
+        streamlines_per_subject=args.streamlines, step_mm=args.step,
+        features=args.features, sh_order=args.sh_order, snr=args.snr, seed=args.seed,
+        overwrite=args.force, progress=lambda line: print(line, flush=True),
+    )
     splits = ", ".join(f"{k} {len(v)}" for k, v in summary["splits"].items())
     print(
         f"wrote {len(summary['subjects'])} subjects ({splits}), {summary['n_features']} "
@@ -66,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         f"builder config: {summary['config']}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (2 for a refused OUTDIR or bad option)."""
+    args = make_parser().parse_args(argv)
+    return run(make, args)
 
 
 if __name__ == "__main__":

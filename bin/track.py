@@ -163,7 +163,8 @@ def write_tractogram(path: Path, tracks, info: dict) -> None:
 def track_command(args: argparse.Namespace) -> int:
     from tractrain.bin.compose import resolve_device
     from tractrain.data.store import open_store
-    from tractrain.generation.tracker import STOP_NAMES, continue_tracks, subject_field
+    from tractrain.generation.field import subject_field
+    from tractrain.generation.tracker import STOP_NAMES, continue_tracks
 
     out = Path(args.out)
     if out.suffix.lower() not in (".trk", ".tck"):

@@ -13,7 +13,7 @@ index)``), never from a generator copied into DataLoader workers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ class Batch:
     inputs: torch.Tensor | None = None
     epoch: int = -1
     index: int = -1
-    meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])

@@ -6,6 +6,7 @@ See docs/store-format.md for the layout.
 from __future__ import annotations
 
 import numpy as np
+import zarr
 
 from tractrain.errors import StoreError
 
@@ -65,3 +66,41 @@ def check_chunks(where: str, arrays: dict) -> None:
         if arr.nchunks_initialized < arr.nchunks:
             raise StoreError(f"{where}/{name}: {arr.nchunks - arr.nchunks_initialized} of "
                              f"{arr.nchunks} chunks missing (store damaged; rebuild it)")
+
+
+def check_subjects(root: zarr.Group, path: str, subjects: list[str], volume_groups: dict,
+                   streamline_groups: dict) -> None:
+    """Raise `StoreError` unless every subject under ``root`` has every group of the store,
+    with the group's features and dtype (volumes) or arrays and data-per-streamline keys."""
+    for subject in subjects:
+        for name, meta in volume_groups.items():
+            where = f"{path}: {subject}/{name}"
+            try:
+                arr = root[f"{subject}/{name}"]
+            except KeyError:
+                raise StoreError(f"{where}: volume group missing") from None
+            if not isinstance(arr, zarr.Array) or arr.ndim != 4:
+                raise StoreError(f"{where}: expected a 4-D (X, Y, Z, F) array")
+            features = list(arr.attrs.get("feature_names", []))
+            if features != list(meta["feature_names"]):
+                raise StoreError(
+                    f"{where}: features {features} differ from the group's "
+                    f"{list(meta['feature_names'])} (all subjects must share features)"
+                )
+            if str(arr.dtype) != meta["dtype"]:
+                raise StoreError(f"{where}: dtype {arr.dtype} differs from the group's "
+                                 f"{meta['dtype']}")
+        for name, meta in streamline_groups.items():
+            where = f"{path}: {subject}/{name}"
+            try:
+                grp = root[f"{subject}/{name}"]
+                keys = set(grp.array_keys())
+            except (KeyError, AttributeError):
+                raise StoreError(f"{where}: streamline group missing") from None
+            missing = [k for k in STREAMLINE_ARRAYS if k not in keys]
+            if missing:
+                raise StoreError(f"{where}: arrays {missing} missing")
+            dps = sorted(grp.attrs.get("dps_keys", []))
+            if dps != sorted(meta.get("dps_keys", [])):
+                raise StoreError(f"{where}: data-per-streamline keys {dps} differ from the "
+                                 f"group's {sorted(meta.get('dps_keys', []))}")

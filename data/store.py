@@ -28,6 +28,7 @@ from tractrain.data.format import (
     check_chunks,
     check_root_attrs,
     check_streamline_index,
+    check_subjects,
 )
 from tractrain.errors import StoreError
 
@@ -151,7 +152,8 @@ class Store:
         self.volume_groups: dict[str, dict] = dict(attrs["volume_groups"])
         self.streamline_groups: dict[str, dict] = dict(attrs["streamline_groups"])
         self.provenance: dict = dict(attrs["provenance"])
-        self._validate_subjects()
+        check_subjects(self._root(), self.path, self.subjects, self.volume_groups,
+                       self.streamline_groups)
         if not lazy:
             self._load_all()
 
@@ -208,41 +210,6 @@ class Store:
             return self._root().attrs.asdict()
         except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as err:
             raise StoreError(f"{self.path}: not a tractrain store (no zarr group: {err})") from None
-
-    def _validate_subjects(self) -> None:
-        root = self._root()
-        for subject in self.subjects:
-            for name, meta in self.volume_groups.items():
-                where = f"{self.path}: {subject}/{name}"
-                try:
-                    arr = root[f"{subject}/{name}"]
-                except KeyError:
-                    raise StoreError(f"{where}: volume group missing") from None
-                if not isinstance(arr, zarr.Array) or arr.ndim != 4:
-                    raise StoreError(f"{where}: expected a 4-D (X, Y, Z, F) array")
-                features = list(arr.attrs.get("feature_names", []))
-                if features != list(meta["feature_names"]):
-                    raise StoreError(
-                        f"{where}: features {features} differ from the group's "
-                        f"{list(meta['feature_names'])} (all subjects must share features)"
-                    )
-                if str(arr.dtype) != meta["dtype"]:
-                    raise StoreError(f"{where}: dtype {arr.dtype} differs from the group's "
-                                     f"{meta['dtype']}")
-            for name, meta in self.streamline_groups.items():
-                where = f"{self.path}: {subject}/{name}"
-                try:
-                    grp = root[f"{subject}/{name}"]
-                    keys = set(grp.array_keys())
-                except (KeyError, AttributeError):
-                    raise StoreError(f"{where}: streamline group missing") from None
-                missing = [k for k in STREAMLINE_ARRAYS if k not in keys]
-                if missing:
-                    raise StoreError(f"{where}: arrays {missing} missing")
-                dps = sorted(grp.attrs.get("dps_keys", []))
-                if dps != sorted(meta.get("dps_keys", [])):
-                    raise StoreError(f"{where}: data-per-streamline keys {dps} differ from the "
-                                     f"group's {sorted(meta.get('dps_keys', []))}")
 
     def _check(self, subject: str, group: str, kind: dict) -> None:
         if subject not in self.subjects:

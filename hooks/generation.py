@@ -28,8 +28,9 @@ from tractrain.data.augment import resample
 from tractrain.data.interpolation import InputConfig
 from tractrain.data.store import expand_ranges
 from tractrain.errors import CheckpointError, ConfigError
+from tractrain.generation.field import subject_field
 from tractrain.generation.scores import endpoint_scores
-from tractrain.generation.tracker import continue_tracks, subject_field
+from tractrain.generation.tracker import continue_tracks
 from tractrain.util import unwrap
 
 METRICS = ("gen_endpoint_dist", "gen_within", "gen_length")

@@ -108,3 +108,30 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
         bare = results["bare_gather"][dtype]
         assert bare["interpolated_points"] == 7 * bare["points"]  # 7-point neighbourhood
         assert bare["ratio"] == pytest.approx(bare["interp_s"] / bare["bare_s"])
+
+
+@pytest.mark.parametrize("corner_major", [True, False])
+def test_bare_gather_returns_the_corner_voxels_in_the_interpolation_order(monkeypatch,
+                                                                           corner_major):
+    """The baseline gathers exactly the 8 corners `interpolate` reads, in its layout."""
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from tractrain.data import interpolation
+
+    bench = _load_bench()
+    monkeypatch.setattr(interpolation, "is_corner_major", lambda device: corner_major)
+    rng = np.random.default_rng(8)
+    vol = rng.standard_normal((5, 6, 4, 3)).astype(np.float32)
+    pts = rng.uniform(0.0, 1.0, (50, 3)) * (np.array(vol.shape[:3]) - 1)
+    got = bench.bare_gather(torch.from_numpy(vol), torch.from_numpy(pts)).numpy()
+    assert got.shape == (50 * 8, 3)
+    dims = np.array(vol.shape[:3])
+    corners = [[vol[tuple(np.minimum(np.floor(p).astype(int) + c, dims - 1))] for p in pts]
+               for c in itertools.product((0, 1), repeat=3)]  # [corner][point], C order of bits
+    expected = np.array(corners) if corner_major else np.array(corners).transpose(1, 0, 2)
+    np.testing.assert_array_equal(got, expected.reshape(-1, 3))
+    half = bench.bare_gather(torch.from_numpy(vol).half(), torch.from_numpy(pts))
+    assert half.dtype == torch.half

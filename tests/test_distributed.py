@@ -13,7 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tractrain.data.batch import Batch
-from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
+from tractrain.data.packing import SamplerConfig
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import SplitIndex
 from tractrain.engine import distributed
 from tractrain.engine.fit import train_and_validate
 from tractrain.errors import CheckpointError, ConfigError

@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from tractrain import atomic
 from tractrain.data.batch import Batch
-from tractrain.data.sampler import BatchSampler, SamplerConfig, SplitIndex
+from tractrain.data.packing import SamplerConfig
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import SplitIndex
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.trainer import NonFiniteError
 from tractrain.errors import CheckpointError

@@ -16,7 +16,8 @@ from ignite.engine import Engine
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import load_batch
 from tractrain.data.interpolation import InputConfig
-from tractrain.data.sampler import SamplerConfig, epoch_batches, split_index
+from tractrain.data.packing import SamplerConfig, epoch_batches
+from tractrain.data.split_index import split_index
 from tractrain.examples.next_direction import loss_fn, make_model
 from tractrain.experiment import read_logs
 from tractrain.generation.scores import endpoint_scores

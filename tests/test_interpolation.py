@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,6 @@ from scipy.ndimage import map_coordinates
 
 from tractrain.data.interpolation import (
     InputConfig,
-    bare_gather,
     interpolate,
     interpolate_inputs,
     neighborhood_offsets,
@@ -139,22 +136,6 @@ def test_float64_volume_gives_float32():
     np.testing.assert_allclose(out.numpy(), scipy_interp(vol, pts, "zeros"), atol=1e-5)
 
 
-def test_bare_gather_returns_the_corner_voxels():
-    rng = np.random.default_rng(8)
-    vol = random_volume(rng, (5, 6, 4, 3))
-    pts = random_points(rng, vol.shape, "inside", 50)
-    got = bare_gather(torch.from_numpy(vol), torch.from_numpy(pts)).numpy()
-    assert got.shape == (50 * 8, 3)
-    dims = np.array(vol.shape[:3])
-    expected = []  # documented CPU order: corner-major, corners in C order of the (x, y, z) bits
-    for corner in itertools.product((0, 1), repeat=3):
-        for p in pts:
-            i, j, k = np.minimum(np.floor(p).astype(int) + corner, dims - 1)
-            expected.append(vol[i, j, k])
-    np.testing.assert_array_equal(got, np.array(expected))
-    assert bare_gather(torch.from_numpy(vol).half(), torch.from_numpy(pts)).dtype == torch.half
-
-
 @pytest.mark.parametrize(
     ("neighborhood", "radius", "resolution", "count"),
     [
@@ -271,7 +252,7 @@ def test_point_major_layout_matches_scipy(monkeypatch, outside):
     # the point-major gather + bmm path is what CUDA runs; exercise it on CPU too
     import tractrain.data.interpolation as interpolation
 
-    monkeypatch.setattr(interpolation, "_corner_major", lambda device: False)
+    monkeypatch.setattr(interpolation, "is_corner_major", lambda device: False)
     rng = np.random.default_rng(12)
     vol = random_volume(rng, (6, 7, 5, 3))
     pts = random_points(rng, vol.shape, "outside")
@@ -280,9 +261,6 @@ def test_point_major_layout_matches_scipy(monkeypatch, outside):
         out = interpolation.interpolate(v, torch.from_numpy(pts), outside)
         reference = scipy_interp(v.float().numpy(), pts, outside)
         np.testing.assert_allclose(out.numpy(), reference, rtol=0, atol=1e-5)
-    rows = interpolation.bare_gather(torch.from_numpy(vol), torch.from_numpy(pts[:1]))
-    corner = np.clip(np.floor(pts[0]).astype(int) + 1, 0, np.array(vol.shape[:3]) - 1)
-    np.testing.assert_array_equal(rows[7].numpy(), vol[tuple(corner)])  # last corner of point 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

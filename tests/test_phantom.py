@@ -343,6 +343,9 @@ def test_cli_writes_then_refuses_non_empty_folder(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(out) in err
+    assert err.startswith("tractrain-make-phantom: error:")
+    with pytest.raises(ConfigError, match="not empty"):  # --debug: the error propagates
+        main(argv + ["--debug"])
     assert main(argv + ["--force", "--seed", "2"]) == 0
     proc = subprocess.run([sys.executable, "-m", "tractrain.bin.make_phantom", *argv],
                           capture_output=True, text=True)

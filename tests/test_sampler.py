@@ -1,4 +1,4 @@
-"""Tests for tractrain.data.sampler: epoch batches (pure) and the resumable BatchSampler."""
+"""Tests for tractrain.data.packing (epoch batches, pure) and data.sampler (BatchSampler)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tractrain.data.sampler import (
-    BatchSampler,
-    BatchSpec,
-    SamplerConfig,
-    SplitIndex,
-    batch_rng,
-    epoch_batches,
-    split_index,
-)
+from tractrain.data.packing import SamplerConfig, batch_rng, epoch_batches
+from tractrain.data.sampler import BatchSampler, BatchSpec
+from tractrain.data.split_index import SplitIndex, split_index
 from tractrain.errors import ConfigError
 
 UNITS = ["streamlines", "points", "length_mm"]

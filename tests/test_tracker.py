@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from tractrain.data.interpolation import InputConfig, interpolate
 from tractrain.errors import ConfigError
 from tractrain.examples.next_direction import make_model
+from tractrain.generation.field import TrackingField
 from tractrain.generation.tracker import (
     STOP_CURVATURE,
     STOP_INVALID,
     STOP_LENGTH,
     STOP_MASK,
     STOP_SIGNAL,
-    TrackingField,
     continue_tracks,
     track,
 )

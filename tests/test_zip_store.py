@@ -13,7 +13,9 @@ import torch
 
 from tractrain.data.feeding import make_dataloader
 from tractrain.data.interpolation import InputConfig
-from tractrain.data.sampler import BatchSampler, SamplerConfig, split_index
+from tractrain.data.packing import SamplerConfig
+from tractrain.data.sampler import BatchSampler
+from tractrain.data.split_index import split_index
 from tractrain.data.store import open_store
 from tractrain.errors import StoreError
 
