@@ -66,7 +66,7 @@ from tractrain.data import interpolation
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import load_batch
 from tractrain.data.builder import build_store
-from tractrain.data.feeding import make_dataloader
+from tractrain.data.dataloader import make_dataloader
 from tractrain.data.interpolation import InputConfig, interpolate_inputs, neighborhood_offsets
 from tractrain.data.packing import SamplerConfig, batch_rng
 from tractrain.data.phantom import make_phantom

@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from tractrain.data.augment import AugmentConfig
-    from tractrain.data.feeding import make_dataloader
+    from tractrain.data.dataloader import make_dataloader
     from tractrain.data.interpolation import InputConfig
     from tractrain.data.packing import SamplerConfig
     from tractrain.data.sampler import BatchSampler

@@ -16,7 +16,7 @@ import torch
 from tractrain.atomic import atomic_write_bytes
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
-from tractrain.data.feeding import make_dataloader
+from tractrain.data.dataloader import make_dataloader
 from tractrain.data.interpolation import InputConfig, num_input_features
 from tractrain.data.packing import SamplerConfig
 from tractrain.data.sampler import BatchSampler

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs, load_batch
-from tractrain.data.feeding import make_dataloader
+from tractrain.data.dataloader import make_dataloader
 from tractrain.data.interpolation import InputConfig
 from tractrain.data.packing import SamplerConfig
 from tractrain.data.sampler import BatchSampler

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tractrain.data.feeding import make_dataloader
+from tractrain.data.dataloader import make_dataloader
 from tractrain.data.interpolation import InputConfig
 from tractrain.data.packing import SamplerConfig
 from tractrain.data.sampler import BatchSampler
