@@ -105,34 +105,17 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     if config["volume_group"] not in store.volume_groups:
         raise ConfigError(f"--volume-group {config['volume_group']!r}: the store has volume "
                           f"groups {sorted(store.volume_groups)}")
-    sampling = {"batch_size": config["batch_size"], "units": config["batch_units"],
-                "subjects_per_batch": config["subjects_per_batch"], "cycles": config["cycles"]}
     rank, world = get_rank(), get_world_size()
     train_sampler = BatchSampler(
-        split_index(store, "train", group),
-        SamplerConfig(**sampling, max_batches=config["max_batches_train"]), seed=config["seed"],
-        rank=rank, world_size=world, drop_uneven=world > 1)
-    augment = AugmentConfig(step_size=config["step_size"], compress=config["compress"],
-                            split_ratio=config["split_ratio"],
-                            reverse_ratio=config["reverse_ratio"], noise_mm=config["noise_mm"],
-                            noise_truncation=config["noise_truncation"])
-    neighborhood = config["neighborhood"]
-    inputs = InputConfig(config["volume_group"],
-                         neighborhood=None if neighborhood in (None, "none") else neighborhood,
-                         radius_mm=config["radius_mm"], resolution_mm=config["resolution_mm"],
-                         outside=config["outside"])
-    feeding = {"group": group, "inputs": inputs, "num_workers": config["num_workers"],
-               "interpolate": config["interpolate"],
-               "persistent_workers": config["num_workers"] > 0}
-    train_loader = make_dataloader(store, train_sampler, augment=augment, **feeding)
+        split_index(store, "train", group), sampler_config(config, config["max_batches_train"]),
+        seed=config["seed"], rank=rank, world_size=world, drop_uneven=world > 1)
+    augment, inputs = augment_config(config), input_config(config)
+    train_loader = make_dataloader(store, train_sampler, augment=augment, **feeding(config))
     valid_loader = None
     if store.splits.get("valid"):
-        valid_sampler = BatchSampler(
-            split_index(store, "valid", group),
-            SamplerConfig(**sampling, max_batches=config["max_batches_valid"]),
-            seed=config["seed"], shuffle=False, rank=rank, world_size=world)
-        valid_loader = make_dataloader(store, valid_sampler, augment=augment.deterministic(),
-                                       **feeding)
+        valid_loader = eval_loader(store, config, split_index(store, "valid", group),
+                                   max_batches=config["max_batches_valid"], rank=rank,
+                                   world_size=world)
     first = store.splits["train"][0]
     n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
                                   inputs, store.volume_info(first, inputs.volume_group)
@@ -152,7 +135,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     if config["comet"]:
         comet = {"project_name": config["comet_project"], "workspace": config["comet_workspace"],
                  "experiment_name": config["name"]}
-    prepare = DeviceInputs(store, group, inputs) if config["interpolate"] == "device" else None
+    prepare = device_inputs(store, config)
     return train_and_validate(
         model, optimizer, loss_fn, train_loader, valid_loader=valid_loader, exp_dir=exp_dir,
         max_epochs=config["max_epochs"], device=device, amp=config["amp"],
@@ -165,6 +148,54 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         progress=config["progress"], checkpoint_every=config["checkpoint_every"],
         resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
     )
+
+
+def input_config(config: dict) -> InputConfig:
+    """The `InputConfig` of a run's options (``neighborhood: none`` is no neighbourhood)."""
+    neighborhood = config.get("neighborhood")
+    return InputConfig(config["volume_group"],
+                       neighborhood=None if neighborhood in (None, "none") else neighborhood,
+                       radius_mm=config.get("radius_mm") or 0.0,
+                       resolution_mm=config.get("resolution_mm"),
+                       outside=config.get("outside") or "zeros")
+
+
+def augment_config(config: dict) -> AugmentConfig:
+    """The training augmentation of a run's options."""
+    return AugmentConfig(step_size=config["step_size"], compress=config["compress"],
+                         split_ratio=config["split_ratio"], reverse_ratio=config["reverse_ratio"],
+                         noise_mm=config["noise_mm"], noise_truncation=config["noise_truncation"])
+
+
+def sampler_config(config: dict, max_batches: int | None) -> SamplerConfig:
+    """The batch budget of a run's options, with at most ``max_batches`` per epoch."""
+    return SamplerConfig(batch_size=config["batch_size"], units=config["batch_units"],
+                         subjects_per_batch=config["subjects_per_batch"],
+                         cycles=config["cycles"], max_batches=max_batches)
+
+
+def feeding(config: dict) -> dict:
+    """`make_dataloader` keywords shared by the training and evaluation loaders."""
+    return {"group": config["group"], "inputs": input_config(config),
+            "num_workers": config["num_workers"], "interpolate": config["interpolate"],
+            "persistent_workers": config["num_workers"] > 0}
+
+
+def eval_loader(store, config: dict, index, *, max_batches: int | None = None, rank: int = 0,
+                world_size: int = 1):
+    """The validation loader of a run over ``index`` (a `SplitIndex`): the run's inputs and
+    batch budget, deterministic augmentation, fixed order (no shuffle)."""
+    sampler = BatchSampler(index, sampler_config(config, max_batches), seed=config["seed"],
+                           shuffle=False, rank=rank, world_size=world_size)
+    return make_dataloader(store, sampler, augment=augment_config(config).deterministic(),
+                           **feeding(config))
+
+
+def device_inputs(store, config: dict) -> DeviceInputs | None:
+    """The ``prepare_batch`` of ``interpolate: device`` runs (None otherwise)."""
+    if config["interpolate"] != "device":
+        return None
+    return DeviceInputs(store, config["group"], input_config(config))
 
 
 def generation_hooks(config: dict, model, store, group: str, inputs, device) -> tuple:

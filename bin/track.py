@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from tractrain.bin.common import ArgumentParser, run
-from tractrain.errors import CheckpointError, ConfigError
-from tractrain.experiment import CONFIG_FILE, ExperimentDir, read_best_model, read_config
+from tractrain.errors import ConfigError
+from tractrain.experiment import read_config
 
 SEED_SOURCES = ("mask", "valid-streamlines")
 
@@ -60,44 +60,6 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--mask-group", dest="mask_group", default=None,
                         help="volume group of the tracking mask (default: non-zero inputs)")
     return parser
-
-
-def input_config(config: dict):
-    """The `InputConfig` training used (same options as tractrain-train)."""
-    from tractrain.data.interpolation import InputConfig
-
-    neighborhood = config.get("neighborhood")
-    return InputConfig(config["volume_group"],
-                       neighborhood=None if neighborhood in (None, "none") else neighborhood,
-                       radius_mm=config.get("radius_mm") or 0.0,
-                       resolution_mm=config.get("resolution_mm"),
-                       outside=config.get("outside") or "zeros")
-
-
-def load_model(exp_dir: Path, config: dict, use_checkpoint: bool) -> torch.nn.Module:
-    """The experiment's model with the best (or latest checkpoint) weights, on the CPU."""
-    from tractrain.bin.compose import import_object
-    from tractrain.hooks.checkpoint import check_model_state, load_checkpoint
-
-    best_model = ExperimentDir(exp_dir).best_model
-    best_weights, model_config = read_best_model(exp_dir)
-    if not isinstance(model_config, dict) or "factory" not in model_config:
-        raise CheckpointError(f"{best_model / CONFIG_FILE}: no model config with "
-                              "a 'factory' (was the model saved by tractrain-train?)")
-    factory = import_object(model_config["factory"], "model")
-    model = factory({k: v for k, v in model_config.items() if k != "factory"})
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"{model_config['factory']}: returned {type(model).__name__}, "
-                          "expected a torch.nn.Module")
-    weights, where = best_weights, str(best_model)
-    if use_checkpoint:
-        meta, states = load_checkpoint(exp_dir)
-        if "model" not in states:
-            raise CheckpointError(f"{meta['folder']}: checkpoint holds no model weights")
-        weights, where = states["model"], meta["folder"]
-    check_model_state(model, weights, where)
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 def mask_seeds(field, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -161,8 +123,9 @@ def write_tractogram(path: Path, tracks, info: dict) -> None:
 
 
 def track_command(args: argparse.Namespace) -> int:
-    from tractrain.bin.compose import resolve_device
+    from tractrain.bin.compose import input_config, resolve_device
     from tractrain.data.store import open_store
+    from tractrain.engine.reuse import load_model
     from tractrain.generation.field import subject_field
     from tractrain.generation.tracker import STOP_NAMES, continue_tracks
 
@@ -188,7 +151,7 @@ def track_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--subject {args.subject!r}: not in the store (have "
                           f"{', '.join(store.subjects[:8])}{more})")
     device = resolve_device(args.device)
-    model = load_model(exp_dir, config, args.checkpoint).to(device)
+    model = load_model(exp_dir, "checkpoint" if args.checkpoint else "best", device)
     step_mm = args.step_mm or config.get("step_size") or 1.0
     field = subject_field(store, args.subject, group, input_config(config), device,
                           args.mask_group)

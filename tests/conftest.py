@@ -29,3 +29,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_experiment(phantom_store, tmp_path_factory):
+    """``<exp>`` of `tractrain-train` with the demo model on `phantom_store`: 2 short epochs
+    (3 training batches each), the whole valid split validated every epoch."""
+    import subprocess
+    import sys
+
+    parent = tmp_path_factory.mktemp("trained")
+    done = subprocess.run(
+        [sys.executable, "-m", "tractrain.bin.train", "--store", str(phantom_store.path),
+         "--experiments", str(parent), "--name", "run", "--max-epochs", "2",
+         "--max-batches-train", "3", "--batch-size", "1500", "--progress", "false"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return parent / "run"

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_script_example_runs(tmp_path):
     text = (ROOT / "README.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+               if "trainer.run(" in c]
     assert "trainer.run(train, max_epochs=3)" in code
     code = code.replace("max_epochs=3", "max_epochs=1")  # same code path, one epoch
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,

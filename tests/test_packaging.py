@@ -1,4 +1,5 @@
-"""The built wheel installs tractrain.* only (no generic top-level data/engine modules)."""
+"""The built wheel installs tractrain.* only (no generic top-level data/engine modules),
+with its py.typed marker and every console script."""
 
 import subprocess
 import sys
@@ -17,6 +18,10 @@ def test_wheel_installs_subpackages_and_cli(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"tractrain"}, tops
+    assert "tractrain/py.typed" in names  # type checkers use the package's annotations
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "tractrain-eval = tractrain.bin.eval:main" in zipfile.ZipFile(wheel).read(
+        entry_points).decode()
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),

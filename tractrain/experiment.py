@@ -9,6 +9,7 @@ Layout of ``<exp>/`` (written by `tractrain-train`'s hooks)::
     best_epoch.json     {"epoch", "metric", "value", "train_loss", "valid_loss"}
     logs/<metric>.npy   one value per epoch; logs/logs.csv the same table; logs/plot.png
     comet/              offline Comet archives
+    eval/<split>.json   `tractrain-eval` results (loss per subject and overall); also .csv
 
 Every hook and command takes its paths from `ExperimentDir`; every weights file is read by
 `load_weights` (``torch.load(weights_only=True)``: plain tensors and values only).
@@ -39,6 +40,7 @@ LOGS_DIR = "logs"
 CSV_FILE = "logs.csv"
 PLOT_FILE = "plot.png"
 COMET_DIR = "comet"
+EVAL_DIR = "eval"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class ExperimentDir:
     @property
     def comet(self) -> Path:
         return self.root / COMET_DIR
+
+    @property
+    def eval(self) -> Path:
+        return self.root / EVAL_DIR
 
 
 def load_weights(path: str | os.PathLike, what: str) -> dict:
