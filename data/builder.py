@@ -32,6 +32,9 @@ from tractrain.data.format import FORMAT_NAME, FORMAT_VERSION, SPLITS
 from tractrain.errors import ConfigError
 
 STD_FLOOR = 1e-6
+# every chunk is written, even all-zero ones (zarr skips those by default), so that a lost
+# chunk is detected rather than read as the fill value
+ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def _match(folder: Path, pattern: str, what: str) -> list[Path]:
@@ -252,7 +255,8 @@ def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, m
                 raise ConfigError(f"{folder}: volume group {name!r} has features {names}, other "
                                   f"subjects have {seen['feature_names']}")
             chunks = tuple(min(32, s) for s in data.shape[:3]) + (data.shape[3],)
-            arr = grp.create_array(name, shape=data.shape, dtype=group["dtype"], chunks=chunks)
+            arr = grp.create_array(name, shape=data.shape, dtype=group["dtype"], chunks=chunks,
+                                   config=ALL_CHUNKS)
             arr[...] = data.astype(group["dtype"])
             arr.attrs.update({
                 "affine": np.asarray(affine).tolist(),
@@ -272,10 +276,12 @@ def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, m
             for key, value in (("points", points), ("offsets", offsets),
                                ("lengths", lengths.astype(np.int64)), ("lengths_mm", mm)):
                 chunks = (min(2**16, max(1, value.shape[0])),) + value.shape[1:]
-                arr = sgrp.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks)
+                arr = sgrp.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks,
+                                        config=ALL_CHUNKS)
                 arr[...] = value
             for key, value in dps.items():
-                arr = sgrp.create_array(f"dps/{key}", shape=value.shape, dtype=value.dtype)
+                arr = sgrp.create_array(f"dps/{key}", shape=value.shape, dtype=value.dtype,
+                                        config=ALL_CHUNKS)
                 arr[...] = value
             sgrp.attrs.update(info)
 
