@@ -14,6 +14,7 @@ import argparse
 import difflib
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import NoReturn
@@ -76,6 +77,20 @@ class ArgumentParser(argparse.ArgumentParser):
         return namespace
 
 
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
+                          r"(is killed by signal: [^.]+|exited unexpectedly)")
+
+
+def worker_death(error: BaseException) -> str | None:
+    """One line for torch's "DataLoader worker (pid X) is killed by signal" error, else None."""
+    match = _WORKER_DIED.search(str(error)) if isinstance(error, RuntimeError) else None
+    if match is None:
+        return None
+    return (f"DataLoader worker (pid {match.group(1)}) {match.group(2)} (killed from outside, "
+            "often by the out-of-memory killer); continue with tractrain-resume, with fewer "
+            "--num-workers, a smaller --batch-size or --cache-gb, or more memory")
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename is not None:
         return f"{error.filename}: {error.strerror.lower()}"
@@ -94,7 +109,7 @@ def run(
     ``<prog>: error: <message>`` and returns 2, unless ``args.debug`` is set (then it
     propagates with its traceback). Any other `OSError` (a write failing with ENOSPC, EIO, ...)
     prints one line naming the file and the OS error and returns 1: the environment failed,
-    not the input. Ctrl-C returns 130.
+    not the input; so does a DataLoader worker killed by a signal. Ctrl-C returns 130.
     """
     prog = prog or _last_prog or os.path.basename(sys.argv[0]) or "tractrain"
     try:
@@ -111,6 +126,12 @@ def run(
         code = errno.errorcode.get(e.errno or 0, "")
         print(f"{prog}: error: {one_line(_describe(e))}{f' ({code})' if code else ''}",
               file=sys.stderr)
+        return EXIT_OS_ERROR
+    except RuntimeError as e:
+        message = worker_death(e)
+        if message is None or getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_OS_ERROR
     except KeyboardInterrupt:
         if getattr(args, "debug", False):

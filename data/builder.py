@@ -17,8 +17,10 @@ from __future__ import annotations
 import datetime as _dt
 import glob
 import json
+import mmap
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -32,6 +34,9 @@ from tractrain.data.format import FORMAT_NAME, FORMAT_VERSION, SPLITS
 from tractrain.errors import ConfigError
 
 STD_FLOOR = 1e-6
+# every chunk is written, even all-zero ones (zarr skips those by default), so that a lost
+# chunk is detected rather than read as the fill value
+ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def _match(folder: Path, pattern: str, what: str) -> list[Path]:
@@ -131,6 +136,32 @@ def standardize(parts: list[np.ndarray], mode: str, mask: np.ndarray | None):
     return out, means.tolist(), stds.tolist()
 
 
+def trk_counts(path: Path) -> tuple[int, int]:
+    """``(n_count in the header, streamlines the file actually holds)`` of a .trk file, by
+    walking its records (nibabel keeps only the first ``n_count``)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if len(data) < 1000 or data[:6] != b"TRACK\0":
+            raise ConfigError(f"{path}: not a TrackVis file (magic number is not 'TRACK')")
+        order = "<" if int.from_bytes(data[996:1000], "little") == 1000 else ">"
+        (n_scalars,), (n_props,) = (struct.unpack_from(order + "h", data, at) for at in (36, 238))
+        (n_count,) = struct.unpack_from(order + "i", data, 988)
+        end, pos, count, record = len(data), 1000, 0, struct.Struct(order + "i")
+        while pos + 4 <= end:
+            (n_points,) = record.unpack_from(data, pos)
+            pos += 4 + 4 * (n_points * (3 + n_scalars) + n_props)
+            count += pos <= end and n_points >= 0
+            if n_points < 0:
+                break
+    return n_count, count
+
+
+def _check_trk_count(path: Path) -> None:
+    header, actual = trk_counts(path)
+    if header and header != actual:
+        raise ConfigError(f"{path}: header n_count says {header} streamlines but the file "
+                          f"holds {actual} (damaged or edited header; fix n_count or re-save)")
+
+
 def _load_tractogram(path: Path, reference: Path | None):
     """Streamlines of ``path`` in RAS+ mm, with its data-per-streamline."""
     suffix = "".join(path.suffixes[-1:]).lower()
@@ -146,8 +177,8 @@ def _load_tractogram(path: Path, reference: Path | None):
     if suffix == ".tck" and reference is None:
         raise ConfigError(f"{path}: a .tck file needs a 'reference' volume in its group "
                           "(TCK has no voxel grid)")
-    if suffix == ".trk" and path.read_bytes()[:6] != b"TRACK\0":
-        raise ConfigError(f"{path}: not a TrackVis file (magic number is not 'TRACK')")
+    if suffix == ".trk":
+        _check_trk_count(path)
     try:
         tractogram = nib.streamlines.load(str(path)).tractogram
     except Exception as err:  # nibabel raises many types for unreadable files
@@ -252,7 +283,8 @@ def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, m
                 raise ConfigError(f"{folder}: volume group {name!r} has features {names}, other "
                                   f"subjects have {seen['feature_names']}")
             chunks = tuple(min(32, s) for s in data.shape[:3]) + (data.shape[3],)
-            arr = grp.create_array(name, shape=data.shape, dtype=group["dtype"], chunks=chunks)
+            arr = grp.create_array(name, shape=data.shape, dtype=group["dtype"], chunks=chunks,
+                                   config=ALL_CHUNKS)
             arr[...] = data.astype(group["dtype"])
             arr.attrs.update({
                 "affine": np.asarray(affine).tolist(),
@@ -272,10 +304,12 @@ def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, m
             for key, value in (("points", points), ("offsets", offsets),
                                ("lengths", lengths.astype(np.int64)), ("lengths_mm", mm)):
                 chunks = (min(2**16, max(1, value.shape[0])),) + value.shape[1:]
-                arr = sgrp.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks)
+                arr = sgrp.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks,
+                                        config=ALL_CHUNKS)
                 arr[...] = value
             for key, value in dps.items():
-                arr = sgrp.create_array(f"dps/{key}", shape=value.shape, dtype=value.dtype)
+                arr = sgrp.create_array(f"dps/{key}", shape=value.shape, dtype=value.dtype,
+                                        config=ALL_CHUNKS)
                 arr[...] = value
             sgrp.attrs.update(info)
 

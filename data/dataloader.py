@@ -2,9 +2,21 @@
 
 Each batch is built by `load_batch` from its `BatchSpec` alone, with the RNG
 ``batch_rng(seed, epoch, index)``, so it does not matter which process builds it.
+
+Workers ignore SIGINT, and SIGTERM from anyone but the main process: a signal sent to the
+whole process group (Ctrl-C, SLURM, systemd, Kubernetes) is handled by the main process alone,
+which finishes the current iteration, writes a checkpoint and then shuts the workers down
+(multiprocessing terminates them with SIGTERM at exit, which they obey).
 """
 
 from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -35,8 +47,31 @@ def _identity(batch):
     return batch
 
 
-def _worker_init(worker_id: int) -> None:
+def _sigterm_only_from(parents: set[int]) -> None:
+    """Block SIGTERM in this thread; a daemon thread takes each one: sent by one of
+    ``parents`` (multiprocessing terminating its workers at exit) the worker exits at once
+    with status 0 (dying by the signal would make torch report a killed worker), from anyone
+    else it is dropped."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid not in parents:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
+def _worker_init(worker_id: int, user_init: Callable[[int], None] | None = None) -> None:
+    """Ignore SIGINT, and SIGTERM not sent by the main process (it owns shutdown); use one
+    torch thread; then call ``user_init(worker_id)`` if given."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    _sigterm_only_from({os.getppid()} | ({parent.pid} if parent is not None else set()))
     torch.set_num_threads(1)  # workers run side by side; don't oversubscribe the cores
+    if user_init is not None:
+        user_init(worker_id)
 
 
 def make_dataloader(
@@ -51,12 +86,14 @@ def make_dataloader(
     persistent_workers: bool = False,
     interpolate: str = "workers",
     prefetch_factor: int | None = None,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """DataLoader yielding `Batch`es for ``sampler``'s specs.
 
     ``interpolate="workers"`` interpolates inputs on the CPU while loading; ``"device"``
     leaves ``batch.inputs`` empty, to be filled on the training device by
     `tractrain.data.batch.DeviceInputs` (pass it as the trainer's ``prepare_batch``).
+    Workers ignore SIGINT/SIGTERM, then run ``worker_init_fn(worker_id)`` if given.
     """
     if interpolate not in INTERPOLATE:
         raise ConfigError(f"interpolate: expected one of {INTERPOLATE}, got {interpolate!r}")
@@ -65,7 +102,8 @@ def make_dataloader(
     dataset = BatchDataset(store, group, augment, inputs if interpolate == "workers" else None)
     extra = {}
     if num_workers > 0:
-        extra.update(persistent_workers=persistent_workers, worker_init_fn=_worker_init)
+        init = functools.partial(_worker_init, user_init=worker_init_fn)
+        extra.update(persistent_workers=persistent_workers, worker_init_fn=init)
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
     return DataLoader(

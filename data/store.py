@@ -24,6 +24,7 @@ import zarr
 
 from tractrain.data.cache import ByteLRU
 from tractrain.data.format import (
+    MAX_ARRAY_BYTES,
     STREAMLINE_ARRAYS,
     check_chunks,
     check_root_attrs,
@@ -83,7 +84,7 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def open_store(
     path: str | os.PathLike, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES,
-    storage_options: dict | None = None,
+    storage_options: dict | None = None, max_array_bytes: int = MAX_ARRAY_BYTES,
 ) -> Store:
     """Open the store at ``path`` read-only; raise `StoreError` if it is not a valid v1 store.
 
@@ -92,8 +93,13 @@ def open_store(
         lazy: read volumes on first use (kept under ``cache_bytes``) instead of up front.
         cache_bytes: byte budget of the lazy volume cache (None: unbounded).
         storage_options: fsspec options for a URL (credentials, endpoint, ...).
+        max_array_bytes: refuse a store declaring any array larger than this (uncompressed).
+
+    Every attribute and array shape is checked at open (metadata only); an array's chunks are
+    checked (none lost, declared size plausible for the bytes stored) before its first read.
     """
-    return Store(path, lazy=lazy, cache_bytes=cache_bytes, storage_options=storage_options)
+    return Store(path, lazy=lazy, cache_bytes=cache_bytes, storage_options=storage_options,
+                 max_array_bytes=max_array_bytes)
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -134,7 +140,7 @@ class Store:
     """A validated, read-only multisubject store. Build it with `open_store`."""
 
     def __init__(self, path, lazy: bool = True, cache_bytes: int | None = DEFAULT_CACHE_BYTES,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, max_array_bytes: int = MAX_ARRAY_BYTES):
         if isinstance(path, str) and path.startswith("file://"):
             path = path[len("file://"):]
         self.path = path if is_url(path) else str(Path(path))
@@ -144,6 +150,7 @@ class Store:
         self._pid = None
         self._group = None
         self._reset_caches()
+        self._verified: set[tuple] = set()  # arrays whose chunks were checked
         attrs = self._read_root_attrs()
         check_root_attrs(attrs, self.path)
         self.attrs = attrs
@@ -153,7 +160,7 @@ class Store:
         self.streamline_groups: dict[str, dict] = dict(attrs["streamline_groups"])
         self.provenance: dict = dict(attrs["provenance"])
         check_subjects(self._root(), self.path, self.subjects, self.volume_groups,
-                       self.streamline_groups)
+                       self.streamline_groups, max_array_bytes)
         if not lazy:
             self._load_all()
 
@@ -211,6 +218,14 @@ class Store:
         except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as err:
             raise StoreError(f"{self.path}: not a tractrain store (no zarr group: {err})") from None
 
+    def _verified_array(self, *keys: str) -> zarr.Array:
+        """The array at ``keys``, its chunks checked once (none lost, size plausible)."""
+        arr = self._array(*keys)
+        if keys not in self._verified:
+            check_chunks(f"{self.path}: {'/'.join(keys[:-1])}", {keys[-1]: arr})
+            self._verified.add(keys)
+        return arr
+
     def _check(self, subject: str, group: str, kind: dict) -> None:
         if subject not in self.subjects:
             raise StoreError(f"{self.path}: unknown subject {subject!r}")
@@ -231,9 +246,9 @@ class Store:
         key = (subject, group)
         if key not in self._indexes:
             self._check(subject, group, self.streamline_groups)
-            arrays = {k: self._array(subject, group, k) for k in STREAMLINE_ARRAYS}
+            # a lost chunk would read as zeros
+            arrays = {k: self._verified_array(subject, group, k) for k in STREAMLINE_ARRAYS}
             where = f"{self.path}: {subject}/{group}"
-            check_chunks(where, arrays)  # a lost chunk would read as zeros
             index = StreamlineIndex(
                 offsets=np.asarray(arrays["offsets"][...], dtype=np.int64),
                 lengths=np.asarray(arrays["lengths"][...], dtype=np.int64),
@@ -277,12 +292,14 @@ class Store:
         self._check(subject, group, self.streamline_groups)
         if key not in self.streamline_groups[group].get("dps_keys", []):
             raise StoreError(f"{self.path}: {group}: no data-per-streamline {key!r}")
-        return np.asarray(self._array(subject, group, "dps", key).oindex[np.asarray(ids)])
+        arr = self._verified_array(subject, group, "dps", key)
+        return np.asarray(arr.oindex[np.asarray(ids)])
 
     def volume(self, subject: str, group: str) -> np.ndarray:
         """The (X, Y, Z, F) volume of a subject; cached under the byte budget when lazy."""
         self._check(subject, group, self.volume_groups)
-        return self._volumes.get((subject, group), lambda: self._array(subject, group)[...])
+        return self._volumes.get((subject, group),
+                                 lambda: self._verified_array(subject, group)[...])
 
     def volume_info(self, subject: str, group: str) -> dict:
         """Affine, voxel sizes, feature names, shape and standardization of a volume."""
