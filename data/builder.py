@@ -30,7 +30,7 @@ import zarr
 from tqdm import tqdm
 
 from tractrain.data.build_config import validate_config
-from tractrain.data.format import FORMAT_NAME, FORMAT_VERSION, SPLITS
+from tractrain.data.format import ALL_CHUNKS_ATTR, FORMAT_NAME, FORMAT_VERSION, SPLITS
 from tractrain.errors import ConfigError
 
 STD_FLOOR = 1e-6
@@ -359,6 +359,7 @@ def build_store(
             "splits": {k: list(config["subjects"].get(k, [])) for k in SPLITS},
             "volume_groups": meta["volume_groups"],
             "streamline_groups": meta["streamline_groups"],
+            ALL_CHUNKS_ATTR: True,
             "provenance": {
                 "tool": f"tractrain {__version__}",
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

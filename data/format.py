@@ -14,6 +14,7 @@ from tractrain.errors import StoreError
 FORMAT_NAME = "tractrain-store"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
+ALL_CHUNKS_ATTR = "all_chunks_written"  # root attribute: the builder wrote every chunk
 STREAMLINE_ARRAYS = ("points", "offsets", "lengths", "lengths_mm")
 DTYPES = ("float32", "float16")
 VOXEL_MM = (0.01, 100.0)  # plausible voxel sizes
@@ -166,12 +167,13 @@ def stored_chunks(arr: zarr.Array) -> tuple[int, int]:
     return sync(_stored(arr))
 
 
-def check_chunks(where: str, arrays: dict) -> None:
+def check_chunks(where: str, arrays: dict, complete: bool = True) -> None:
     """Raise `StoreError` if any of ``{name: zarr array}`` lacks a chunk (deleted, lost: it
-    would read as the fill value) or declares far more data than its chunks could hold."""
+    would read as the fill value; checked when ``complete``, i.e. the store holds every chunk)
+    or declares far more data than its chunks could hold."""
     for name, arr in arrays.items():
         count, size = stored_chunks(arr)
-        if count < arr.nchunks:
+        if complete and count < arr.nchunks:
             raise StoreError(f"{where}/{name}: {arr.nchunks - count} of {arr.nchunks} chunks "
                              "missing (store damaged; rebuild it)")
         declared = arr.nbytes

@@ -155,3 +155,15 @@ def test_trk_whose_n_count_disagrees_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"t\.trk: header n_count says 3 streamlines but "
                                           r"the file holds 30"):
         _load_tractogram(path, None)
+
+
+def test_store_from_before_all_chunks_were_written_still_opens(copy):
+    """Older builders let zarr skip all-zero chunks: without the ``all_chunks_written`` marker
+    a volume's absent chunks read as zeros (as they were written), not as damage."""
+    for chunk in (copy / "sub-02" / "dwi" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    edit(copy / "zarr.json", lambda m: m["attributes"].pop("all_chunks_written"))
+    store = open_store(copy)
+    assert not store.all_chunks
+    assert not store.volume("sub-02", "dwi").any()
