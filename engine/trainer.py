@@ -158,6 +158,7 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.clip, self.nan_policy, self.check_every = clip_grad_norm, nan_policy, check_every
         self.amp = bool(amp) and self.device.type == "cuda"
+        self.autocast = autocast(self.device, self.amp)  # reusable: entered once per step
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.mean = EpochMean()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -170,7 +171,7 @@ class TrainStep:
         self.model.train()
         batch = self.prepare(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.amp):
+        with self.autocast:
             loss, n = self.loss_fn(self.model, batch)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -192,10 +193,9 @@ class TrainStep:
     def _read(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> tuple | None:
         """Checked host floats ``(loss, norm)``; with deferred checks the tensors themselves,
         the first non-finite iteration noted on the device for `check_finite`. None: skip."""
-        if self.check_every > 1:
-            bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        if self.check_every > 1:  # a NaN/inf in either makes the sum non-finite
             first = self._first_bad
-            first.copy_(torch.where(bad & (first < 0), engine.state.iteration, first))
+            first.masked_fill_((first < 0) & ~torch.isfinite(loss + norm), engine.state.iteration)
             return loss, norm
         value, norm_value = float(loss), float(norm)  # one host read each, reused below
         if math.isfinite(value) and math.isfinite(norm_value):
@@ -286,10 +286,11 @@ def create_evaluator(
     device = torch.device(device)
     prepare = prepare_batch or _to_device
     mean = EpochMean()
+    mixed_precision = autocast(device, amp)
 
     def step(engine: Engine, batch) -> dict:
         model.eval()
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), mixed_precision:
             loss, n = loss_fn(model, prepare(batch, device))
         mean.update(float(loss), float(n))
         return {"loss": loss.detach(), "n": float(n)}
