@@ -110,6 +110,11 @@ def _to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True)
 
 
+def _skipped_output() -> dict:
+    nan = torch.tensor(math.nan)
+    return {"loss": nan, "n": 0.0, "grad_norm": nan, "unclipped_grad_norm": nan, "skipped": True}
+
+
 class TrainStep:
     """One optimisation step per batch: the process function ``(engine, batch) -> dict`` of the
     trainer. Holds the model, the optimizer, the AMP `GradScaler` (``scaler``) and the epoch's
@@ -176,23 +181,23 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         loss, n, norm = loss.detach(), float(n), total_grad_norm(self.params)
-        read = self._read(engine, loss, norm)  # (loss, norm) as host floats, or still tensors
-        if read is None:  # non-finite, nan_policy "skip"
-            nan = torch.tensor(math.nan)
-            return {"loss": nan, "n": 0.0, "grad_norm": nan, "unclipped_grad_norm": nan,
-                    "skipped": True}
+        checked = self._check(engine, loss, norm)
+        if checked is None:  # a non-finite batch under nan_policy "skip"
+            return _skipped_output()
+        loss_value, norm_value = checked  # host floats, or the tensors with deferred checks
         clipped = norm
         if self.clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, norm)
-            clipped = norm * clip_factor(read[1], self.clip)
+            clipped = norm * clip_factor(norm_value, self.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.mean.update(read[0], n)
+        self.mean.update(loss_value, n)
         return {"loss": loss, "n": n, "grad_norm": clipped, "unclipped_grad_norm": norm}
 
-    def _read(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> tuple | None:
-        """Checked host floats ``(loss, norm)``; with deferred checks the tensors themselves,
-        the first non-finite iteration noted on the device for `check_finite`. None: skip."""
+    def _check(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> tuple | None:
+        """``(loss, norm)`` read on the host and checked; with deferred checks the tensors
+        themselves, the first non-finite iteration noted on the device for `check_finite`.
+        None: a non-finite batch to skip (nan_policy "skip"; "stop" raises)."""
         if self.check_every > 1:  # a NaN/inf in either makes the sum non-finite
             first = self._first_bad
             first.masked_fill_((first < 0) & ~torch.isfinite(loss + norm), engine.state.iteration)
@@ -206,6 +211,7 @@ class TrainStep:
         message = f"{what} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         if self.nan_policy == "stop":
             raise NonFiniteError(message + " (use nan_policy='skip' to drop such batches)")
+        self.scaler.update()  # after unscale_ without step: AMP lowers its scale
         self.mean.skipped += 1
         return None
 
