@@ -149,12 +149,6 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op when not distributed)."""
-    if is_distributed():
-        idist.barrier()
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` (pickled; every rank must call it)."""
     if not is_distributed():

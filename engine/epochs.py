@@ -23,13 +23,21 @@ class SamplerEpochs:
     def __init__(self, sampler) -> None:
         self.sampler = sampler
         self.start = 0  # batches of the current epoch already consumed before this run
-        self.done_in_epoch = 0
         self.epochs_done = 0
         self.trainer: Engine | None = None
+        self._done = 0  # batches done in the current epoch, outside of an epoch
+        self._origin: int | None = None  # in an epoch: trainer iteration before its 1st batch
+
+    @property
+    def done_in_epoch(self) -> int:
+        """Batches of the current epoch done (read from the trainer's iteration counter, so
+        no handler runs per iteration)."""
+        if self._origin is None or self.trainer is None:
+            return self._done
+        return self.trainer.state.iteration - self._origin
 
     def attach(self, trainer: Engine) -> SamplerEpochs:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         self.trainer = trainer
         return self
@@ -39,15 +47,12 @@ class SamplerEpochs:
         self.sampler.set_epoch(epoch, self.start)
         engine.state.epoch_length = self.sampler.epoch_length(epoch)
         engine._init_iter = self.start  # ignite counts this epoch's iterations from here
-        self.done_in_epoch = self.start
+        self._origin = engine.state.iteration - self.start
         self.start = 0
-
-    def _iteration_completed(self, engine: Engine) -> None:
-        self.done_in_epoch += 1
 
     def _epoch_completed(self, engine: Engine) -> None:
         self.epochs_done = engine.state.epoch
-        self.done_in_epoch = 0
+        self._origin, self._done = None, 0
 
     def state_dict(self) -> dict:
         iteration = self.trainer.state.iteration if self.trainer is not None else 0
@@ -58,7 +63,7 @@ class SamplerEpochs:
         """Restore the position; also moves an attached trainer's epoch/iteration counters."""
         self.epochs_done = int(state["epoch"])
         self.start = int(state["start"])
-        self.done_in_epoch = self.start
+        self._origin, self._done = None, self.start
         self.sampler.set_epoch(self.epochs_done, self.start)
         if self.trainer is not None:
             self.trainer.state.epoch = self.epochs_done

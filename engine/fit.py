@@ -7,6 +7,7 @@ their consumers, and the checkpoint last, so it saves the epoch's final state.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_worl
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.rng import GlobalRNG
-from tractrain.engine.trainer import LossFn, create_evaluator, create_trainer
+from tractrain.engine.trainer import LossFn, TrainStep, create_evaluator
 from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.checkpoint import Checkpoint, check_model_state, load_checkpoint
@@ -81,12 +82,13 @@ def train_and_validate(
         _check_shard(sampler, get_rank(), world_size)
     net = unwrap(model)  # what is saved, validated and restored
     model = auto_model(model)  # DDP when distributed, else unchanged
-    trainer = create_trainer(model, optimizer, loss_fn, device=device, amp=amp,
-                             clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
-                             nan_policy=nan_policy, check_every=check_every)
+    step = TrainStep(model, optimizer, loss_fn, device=device, amp=amp,
+                     clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
+                     nan_policy=nan_policy, check_every=check_every)
+    trainer = step.create_engine()
     position = SamplerEpochs(sampler).attach(trainer)
-    objects: dict = {"model": net, "optimizer": optimizer, "scaler": trainer.scaler,
-                     "position": position, "train_loss": trainer.loss_mean}
+    objects: dict = {"model": net, "optimizer": optimizer, "scaler": step.scaler,
+                     "position": position, "train_loss": step.mean}
     if lr_schedule is not None:
         objects["lr"] = EpochLR(lr_schedule, optimizer).attach(trainer)
     Timing().attach(trainer)
@@ -95,9 +97,10 @@ def train_and_validate(
         evaluator = create_evaluator(net, loss_fn, device=device, amp=amp,
                                      prepare_batch=prepare_batch)
         Validation(evaluator, valid_loader).attach(trainer)
-    for i, producer in enumerate(producers):  # more epoch metrics, e.g. GenerationValidation
+    names = producer_names(producers, taken=(*STATE_NAMES, *(extra_state or {})))
+    for name, producer in zip(names, producers, strict=True):  # e.g. GenerationValidation
         producer.attach(trainer)
-        objects[f"producer_{i}"] = producer
+        objects[name] = producer
     best = objects["best_model"] = BestModel(exp_dir, net, model_config, metric=monitor,
                                                  mode=monitor_mode)
     best.attach(trainer)
@@ -115,16 +118,15 @@ def train_and_validate(
     objects.update(extra_state or {})
     objects["rng"] = GlobalRNG()
     if world_size > 1:  # states that differ by rank: each rank resumes its own
-        objects["train_loss"] = PerRank(trainer.loss_mean, "train_loss")
+        objects["train_loss"] = PerRank(step.mean, "train_loss")
         objects["rng"] = PerRank(objects["rng"], "rng")
-    checkpoint = Checkpoint(exp_dir, objects, config=config, every_iterations=checkpoint_every)
-    checkpoint.attach(trainer)
+    checkpoint = Checkpoint(exp_dir, objects, config=config, every_iterations=checkpoint_every,
+                            before_save=step.check_finite).attach(trainer)
     if handle_signals:
         GracefulStop(checkpoint, resume_hint=resume_hint).attach(trainer)
-    trainer.checkpoint = checkpoint
 
     if resume:
-        meta = restore(checkpoint, net)
+        restore(checkpoint, net, renamed={f"producer_{i}": n for i, n in enumerate(names)})
         done = position.epochs_done
         if done >= max_epochs and position.start == 0:
             raise CheckpointError(
@@ -136,7 +138,6 @@ def train_and_validate(
                 f"{exp_dir}: patience exhausted ({stopper.monitor.bad_epochs} epochs without "
                 f"improvement, patience {patience}); raise patience to continue"
             )
-        trainer.resumed_from = meta
     trainer.state.max_epochs = max_epochs
     if trainer.state.epoch_length is None:
         trainer.state.epoch_length = max(1, sampler.epoch_length())
@@ -144,9 +145,37 @@ def train_and_validate(
     return trainer
 
 
-def restore(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
-    """Load ``<exp>/checkpoint`` into every object of ``checkpoint``; returns its meta."""
+# checkpoint keys of the objects train_and_validate saves besides the producers
+STATE_NAMES = ("model", "optimizer", "scaler", "position", "train_loss", "lr", "grad_norm",
+               "best_model", "patience", "logs", "comet", "rng")
+_SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # CamelCase seams
+
+
+def producer_names(producers, taken=()) -> list[str]:
+    """Checkpoint keys of ``producers``: their class names in snake case, numbered from the
+    second of a kind (``generation_validation``, ``generation_validation_2``) or when the name
+    is ``taken``."""
+    names: list[str] = []
+    for producer in producers:
+        base = _SNAKE.sub("_", type(producer).__name__).lower()
+        name, k = base, 1
+        while name in names or name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
+
+
+def restore(checkpoint: Checkpoint, model: torch.nn.Module,
+            renamed: dict[str, str] | None = None) -> dict:
+    """Load ``<exp>/checkpoint`` into every object of ``checkpoint``; returns its meta.
+
+    ``renamed`` maps old state keys to current ones (checkpoints of tractrain <= 0.1 keyed
+    producers ``producer_<i>``)."""
     meta, states = load_checkpoint(checkpoint.exp_dir)
+    for old, new in (renamed or {}).items():
+        if old in states and new not in states:
+            states[new] = states.pop(old)
     rng = states.get("rng")
     ranks = int(rng.get("world_size", 1)) if isinstance(rng, dict) else 1
     if get_world_size() == 1 and ranks != 1:

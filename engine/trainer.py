@@ -1,4 +1,4 @@
-"""The training engine: an ignite `Engine` whose step calls the user's ``loss_fn``.
+"""The training engine: an ignite `Engine` whose process function is a `TrainStep`.
 
 User contract::
 
@@ -7,7 +7,7 @@ User contract::
         return mean_loss, n  # n weights this batch in the epoch average (e.g. points)
 
 Each iteration returns ``{"loss", "n", "grad_norm", "unclipped_grad_norm"}`` (detached). At
-EPOCH_COMPLETED the trainer writes ``train_loss`` (n-weighted mean over the epoch) and ``lr``
+EPOCH_COMPLETED the step writes ``train_loss`` (n-weighted mean over the epoch) and ``lr``
 into ``trainer.state.metrics``.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from ignite.engine import Engine, Events, State
@@ -49,36 +49,34 @@ class TrainerEngine(Engine):
 class EpochMean:
     """n-weighted running mean of the training loss over an epoch; resumes mid-epoch.
 
-    Resets after writing ``train_loss`` at EPOCH_COMPLETED, so a checkpoint taken mid-epoch
-    carries the partial sums.
+    `TrainStep` resets it after writing ``train_loss`` at EPOCH_COMPLETED, so a checkpoint
+    taken mid-epoch carries the partial sums.
     """
 
     def __init__(self) -> None:
-        self.total = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the epoch's sums and skipped-batch count."""
+        self.total: float | torch.Tensor = 0.0
         self.count = 0.0
         self.skipped = 0
 
     def update(self, loss: float | torch.Tensor, n: float) -> None:
-        """Add a batch; ``loss`` may be a device tensor (summed there, read once per epoch)."""
+        """Add a batch; a loss on a GPU is summed there and read once per epoch."""
         if isinstance(loss, torch.Tensor):
-            loss = loss.detach().double()
+            loss = loss.item() if loss.device.type == "cpu" else loss.detach().double()
         self.total += loss * n
         self.count += n
 
-    def _total(self) -> float:
-        return float(self.total)
-
-    def compute(self) -> float:
-        return self._total() / self.count if self.count else math.nan
-
     def compute_global(self) -> float:
-        """The mean over every rank of a distributed run (all_reduce of the sums; the same as
-        `compute` with one process). Every rank must call it."""
-        total, count = all_reduce_sum([self._total(), self.count])
+        """The mean over every rank of a distributed run (all_reduce of the sums). Every rank
+        must call it."""
+        total, count = all_reduce_sum([float(self.total), self.count])
         return total / count if count else math.nan
 
     def state_dict(self) -> dict:
-        return {"total": self._total(), "count": self.count, "skipped": self.skipped}
+        return {"total": float(self.total), "count": self.count, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self.count = float(state["total"]), float(state["count"])
@@ -89,11 +87,170 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
+    """The mixed-precision context of a forward pass (AMP on CUDA only, else a no-op)."""
+    return torch.autocast("cuda") if amp and device.type == "cuda" else nullcontext()
+
+
+def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all gradients together (a tensor where they live; 0 without gradients)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def clip_factor(norm: float | torch.Tensor, max_norm: float) -> float | torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))``, the factor `clip_grads_with_norm_` scales by, in
+    float64: a float for a norm already read on the host, else a tensor where ``norm`` is."""
+    if isinstance(norm, torch.Tensor):
+        return torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(norm.dtype)
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def _to_device(batch, device: torch.device):
+    return batch.to(device, non_blocking=True)
+
+
+def _skipped_output() -> dict:
+    nan = torch.tensor(math.nan)
+    return {"loss": nan, "n": 0.0, "grad_norm": nan, "unclipped_grad_norm": nan, "skipped": True}
+
+
+class TrainStep:
+    """One optimisation step per batch: the process function ``(engine, batch) -> dict`` of the
+    trainer. Holds the model, the optimizer, the AMP `GradScaler` (``scaler``) and the epoch's
+    loss mean (``mean``); checkpoint those two with the model to resume exactly.
+
+    Args:
+        device: where batches are moved (``batch.to(device, non_blocking=True)``).
+        clip_grad_norm: max total L2 norm of the gradients (None: no clipping).
+        amp: automatic mixed precision (CUDA only; ignored on CPU).
+        prepare_batch: ``f(batch, device) -> batch`` replacing the default ``.to(device)``
+            (e.g. to interpolate inputs on the GPU).
+        nan_policy: ``"stop"`` raises `NonFiniteError` naming the epoch and iteration (the last
+            checkpoint is left untouched); ``"skip"`` drops the batch's update.
+        check_every: how often the loss and gradient norm are read on the host to check them.
+            Default: every iteration on CPU (free), every 50 on other devices, so the GPU runs
+            ahead without a host sync per batch: the values stay on the device (first bad
+            iteration recorded there), are checked every N iterations, at the end of the
+            epoch and before any checkpoint (`check_finite`), and the epoch means are read
+            once. ``nan_policy="skip"`` needs a decision per batch, so it checks every one.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        *,
+        device: str | torch.device = "cpu",
+        clip_grad_norm: float | None = None,
+        amp: bool = False,
+        prepare_batch: Callable | None = None,
+        nan_policy: str = "stop",
+        check_every: int | None = None,
+    ) -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ConfigError(f"clip_grad_norm: expected a positive number, got {clip_grad_norm}")
+        self.device = torch.device(device)
+        if check_every is None:
+            check_every = 1 if self.device.type == "cpu" else 50
+        if nan_policy == "skip":
+            check_every = 1
+        if check_every < 1:
+            raise ConfigError(f"check_every: expected >= 1, got {check_every}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.clip, self.nan_policy, self.check_every = clip_grad_norm, nan_policy, check_every
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.autocast = autocast(self.device, self.amp)  # reusable: entered once per step
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.mean = EpochMean()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.prepare = prepare_batch or _to_device
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._engine: Engine | None = None
+
+    def __call__(self, engine: Engine, batch) -> dict:
+        """Train on one batch: forward, backward, finiteness check, clipping, update."""
+        self.model.train()
+        batch = self.prepare(batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss, n = self.loss_fn(self.model, batch)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        loss, n, norm = loss.detach(), float(n), total_grad_norm(self.params)
+        checked = self._check(engine, loss, norm)
+        if checked is None:  # a non-finite batch under nan_policy "skip"
+            return _skipped_output()
+        loss_value, norm_value = checked  # host floats, or the tensors with deferred checks
+        clipped = norm
+        if self.clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, norm)
+            clipped = norm * clip_factor(norm_value, self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.mean.update(loss_value, n)
+        return {"loss": loss, "n": n, "grad_norm": clipped, "unclipped_grad_norm": norm}
+
+    def _check(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> tuple | None:
+        """``(loss, norm)`` read on the host and checked; with deferred checks the tensors
+        themselves, the first non-finite iteration noted on the device for `check_finite`.
+        None: a non-finite batch to skip (nan_policy "skip"; "stop" raises)."""
+        if self.check_every > 1:  # a NaN/inf in either makes the sum non-finite
+            first = self._first_bad
+            first.masked_fill_((first < 0) & ~torch.isfinite(loss + norm), engine.state.iteration)
+            return loss, norm
+        value, norm_value = float(loss), float(norm)  # one host read each, reused below
+        if math.isfinite(value) and math.isfinite(norm_value):
+            return value, norm_value
+        what = "non-finite gradient norm" if math.isfinite(value) else \
+            f"non-finite loss ({value})"
+        self.optimizer.zero_grad(set_to_none=True)
+        message = f"{what} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        if self.nan_policy == "stop":
+            raise NonFiniteError(message + " (use nan_policy='skip' to drop such batches)")
+        self.scaler.update()  # after unscale_ without step: AMP lowers its scale
+        self.mean.skipped += 1
+        return None
+
+    def check_finite(self, engine: Engine | None = None) -> None:
+        """Raise `NonFiniteError` if a batch since the last check had a NaN/inf (one host read
+        with deferred checks; nothing to do otherwise)."""
+        if self.check_every == 1:
+            return
+        bad = int(self._first_bad)
+        if bad >= 0:
+            self._first_bad.fill_(-1)
+            self.optimizer.zero_grad(set_to_none=True)
+            epoch = self._engine.state.epoch if self._engine is not None else "?"
+            raise NonFiniteError(f"non-finite loss or gradient norm at iteration {bad} (epoch "
+                                 f"{epoch}; checked every {self.check_every} iterations)")
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        self.check_finite()
+        engine.state.metrics["train_loss"] = self.mean.compute_global()
+        engine.state.metrics["lr"] = current_lr(self.optimizer)
+        if self.nan_policy == "skip":
+            engine.state.metrics["skipped_batches"] = float(self.mean.skipped)
+        self.mean.reset()
+
+    def attach(self, engine: Engine) -> TrainStep:
+        """Register the epoch metrics (and the deferred checks) on ``engine``, whose process
+        function is this step."""
+        self._engine = engine
+        if self.check_every > 1:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every),
+                                     self.check_finite)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        return self
+
+    def create_engine(self) -> TrainerEngine:
+        """A `TrainerEngine` that runs this step on every batch."""
+        engine = TrainerEngine(self)
+        self.attach(engine)
+        return engine
 
 
 def create_trainer(
@@ -108,136 +265,16 @@ def create_trainer(
     nan_policy: str = "stop",
     check_every: int | None = None,
 ) -> TrainerEngine:
-    """Engine that trains ``model`` with ``loss_fn`` on each batch.
+    """Engine that trains ``model`` with ``loss_fn`` on each batch (options: see `TrainStep`).
 
-    Args:
-        device: where batches are moved (``batch.to(device, non_blocking=True)``).
-        clip_grad_norm: max total L2 norm of the gradients (None: no clipping).
-        amp: automatic mixed precision (CUDA only; ignored with a warning on CPU).
-        prepare_batch: ``f(batch, device) -> batch`` replacing the default ``.to(device)``
-            (e.g. to interpolate inputs on the GPU).
-        nan_policy: ``"stop"`` raises `NonFiniteError` naming the epoch and iteration (the last
-            checkpoint is left untouched); ``"skip"`` drops the batch's update.
-        check_every: how often the loss and gradient norm are read on the host to check them.
-            Default: every iteration on CPU (free), every 50 on other devices, so the GPU runs
-            ahead without a host sync per batch: the values stay on the device (first bad
-            iteration recorded there), are checked every N iterations, at the end of the
-            epoch and before any checkpoint (`check_finite`), and the epoch means are read
-            once. ``nan_policy="skip"`` needs a decision per batch, so it checks every one.
+    To reach the step's ``scaler`` and epoch ``mean`` (e.g. to checkpoint them), build it
+    yourself: ``step = TrainStep(model, optimizer, loss_fn, ...)``, then
+    ``trainer = step.create_engine()``.
     """
-    if nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
-    if clip_grad_norm is not None and clip_grad_norm <= 0:
-        raise ConfigError(f"clip_grad_norm: expected a positive number, got {clip_grad_norm}")
-    device = torch.device(device)
-    use_amp = bool(amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    params = [p for p in model.parameters() if p.requires_grad]
-    prepare = prepare_batch or (lambda batch, dev: batch.to(dev, non_blocking=True))
-    mean = EpochMean()
-    if check_every is None:
-        check_every = 1 if device.type == "cpu" else 50
-    if nan_policy == "skip":
-        check_every = 1
-    if check_every < 1:
-        raise ConfigError(f"check_every: expected >= 1, got {check_every}")
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-
-    def deferred_step(engine: Engine, batch) -> dict:
-        """Like `step`, without reading anything on the host (see ``check_every``)."""
-        model.train()
-        batch = prepare(batch, device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda") if use_amp else nullcontext():
-            loss, n = loss_fn(model, batch)
-        n = float(n)
-        loss_value = loss.detach()
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        unclipped = _grad_norm(params).to(device)
-        bad = ~(torch.isfinite(loss_value) & torch.isfinite(unclipped))
-        first_bad.copy_(torch.where(bad & (first_bad < 0), engine.state.iteration, first_bad))
-        clipped = unclipped
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, unclipped)
-            clipped = unclipped * torch.clamp(clip_grad_norm / (unclipped + 1e-6), max=1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        mean.update(loss_value, n)
-        return {"loss": loss_value, "n": n, "grad_norm": clipped,
-                "unclipped_grad_norm": unclipped}
-
-    def check_finite(engine: Engine | None = None) -> None:
-        """Raise `NonFiniteError` if a batch since the last check had a NaN/inf (one sync)."""
-        bad = int(first_bad)
-        if bad >= 0:
-            first_bad.fill_(-1)
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(
-                f"non-finite loss or gradient norm at iteration {bad} (epoch "
-                f"{trainer.state.epoch}; checked every {check_every} iterations)")
-
-    def step(engine: Engine, batch) -> dict:
-        model.train()
-        batch = prepare(batch, device)
-        optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast("cuda") if use_amp else nullcontext()
-        with autocast:
-            loss, n = loss_fn(model, batch)
-        n = float(n)
-        # One host sync per value: each Python float serves both the finiteness check and
-        # what follows (the epoch mean, the clipping factor).
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            return _non_finite(engine, f"non-finite loss ({loss_value})")
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        unclipped = _grad_norm(params)
-        norm = float(unclipped)
-        if not math.isfinite(norm):
-            return _non_finite(engine, "non-finite gradient norm")
-        clipped = unclipped
-        if clip_grad_norm is not None:
-            # Same as clip_grad_norm_(params, clip_grad_norm) without computing the norm again.
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, unclipped)
-            factor = clip_grad_norm / (norm + 1e-6)  # the factor the gradients were scaled by
-            if factor < 1.0:
-                clipped = unclipped * factor
-        scaler.step(optimizer)
-        scaler.update()
-        mean.update(loss_value, n)
-        return {"loss": loss.detach(), "n": n, "grad_norm": clipped.detach(),
-                "unclipped_grad_norm": unclipped.detach()}
-
-    def _non_finite(engine: Engine, what: str) -> dict:
-        message = f"{what} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        optimizer.zero_grad(set_to_none=True)
-        if nan_policy == "stop":
-            raise NonFiniteError(message + " (use nan_policy='skip' to drop such batches)")
-        mean.skipped += 1
-        nan = torch.tensor(math.nan)
-        return {"loss": nan, "n": 0.0, "grad_norm": nan, "unclipped_grad_norm": nan,
-                "skipped": True}
-
-    trainer = TrainerEngine(step if check_every == 1 else deferred_step)
-    trainer.check_finite = check_finite
-    if check_every > 1:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=check_every), check_finite)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, check_finite)
-    trainer.model, trainer.optimizer, trainer.scaler = model, optimizer, scaler
-    trainer.loss_mean = mean
-    trainer.device = device
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _write_epoch_metrics(engine: Engine) -> None:
-        engine.state.metrics["train_loss"] = mean.compute_global()
-        engine.state.metrics["lr"] = current_lr(optimizer)
-        if nan_policy == "skip":
-            engine.state.metrics["skipped_batches"] = float(mean.skipped)
-        mean.total = mean.count = 0.0
-        mean.skipped = 0
-
-    return trainer
+    step = TrainStep(model, optimizer, loss_fn, device=device, clip_grad_norm=clip_grad_norm,
+                     amp=amp, prepare_batch=prepare_batch, nan_policy=nan_policy,
+                     check_every=check_every)
+    return step.create_engine()
 
 
 def create_evaluator(
@@ -253,22 +290,19 @@ def create_evaluator(
     The result is ``evaluator.state.metrics["loss"]`` after ``evaluator.run(loader)``.
     """
     device = torch.device(device)
-    use_amp = bool(amp) and device.type == "cuda"
-    prepare = prepare_batch or (lambda batch, dev: batch.to(dev, non_blocking=True))
+    prepare = prepare_batch or _to_device
     mean = EpochMean()
+    mixed_precision = autocast(device, amp)
 
     def step(engine: Engine, batch) -> dict:
         model.eval()
-        with torch.no_grad(), (torch.autocast("cuda") if use_amp else nullcontext()):
+        with torch.no_grad(), mixed_precision:
             loss, n = loss_fn(model, prepare(batch, device))
         mean.update(float(loss), float(n))
         return {"loss": loss.detach(), "n": float(n)}
 
     evaluator = Engine(step)
-
-    @evaluator.on(Events.STARTED)
-    def _reset(engine: Engine) -> None:
-        mean.total = mean.count = 0.0
+    evaluator.add_event_handler(Events.STARTED, lambda engine: mean.reset())
 
     @evaluator.on(Events.COMPLETED)
     def _write(engine: Engine) -> None:

@@ -89,9 +89,10 @@ class BestModel:
         self.monitor = Monitor(metric, mode, min_delta, owner="BestModel")
         self.best: dict | None = None
 
-    def attach(self, trainer: Engine) -> None:
+    def attach(self, trainer: Engine) -> BestModel:
         trainer.add_event_handler(Events.STARTED, self._publish)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+        return self
 
     def _publish(self, trainer: Engine) -> None:
         """Expose the best record as ``trainer.state.best_epoch`` (None before any)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -31,18 +32,20 @@ class Checkpoint:
 
     Saves after every epoch and, if ``every_iterations`` is set, every that many iterations
     (mid-epoch). Attach it after the hooks whose state it saves have run for the epoch. In a
-    distributed run only rank 0 writes (``saves`` counts the writes of this process).
+    distributed run only rank 0 writes. ``before_save`` runs first at every save (e.g.
+    `TrainStep.check_finite`, so no weights a NaN/inf batch touched are saved).
     """
 
     def __init__(self, exp_dir, objects: dict, config: dict | None = None,
-                 every_iterations: int | None = None) -> None:
+                 every_iterations: int | None = None,
+                 before_save: Callable[[], None] | None = None) -> None:
         self.exp_dir = ExperimentDir(exp_dir)
         self.path = self.exp_dir.checkpoint
         self.objects = dict(objects)
         self.config = config
         self.every_iterations = every_iterations
         self.trainer: Engine | None = None
-        self.saves = 0
+        self.before_save = before_save
 
     def attach(self, trainer: Engine) -> Checkpoint:
         self.trainer = trainer
@@ -68,9 +71,8 @@ class Checkpoint:
         In a distributed run call it on every rank: all of them collect their states (some
         gather per-rank state), only rank 0 writes."""
         trainer = trainer or self.trainer
-        check = getattr(trainer, "check_finite", None)
-        if check is not None:
-            check()  # never save weights that a NaN/inf batch touched (deferred checks)
+        if self.before_save is not None:
+            self.before_save()
         states = {name: obj.state_dict() for name, obj in self.objects.items()}
         if idist.get_rank() != 0:
             return self.path
@@ -103,7 +105,6 @@ class Checkpoint:
                         write_file(folder / LOGS_DIR / path.name, path.read_bytes())
 
         atomic_write_dir(self.path, write)
-        self.saves += 1
         return self.path
 
     def restore(self, states: dict, strict: bool = True) -> None:

@@ -171,7 +171,7 @@ class CometLogger:
         """Key of the Comet experiment, once started (or restored)."""
         return self._key
 
-    def attach(self, trainer: Engine) -> None:
+    def attach(self, trainer: Engine) -> CometLogger:
         """Start/continue the experiment on STARTED, log at EPOCH_COMPLETED, end at the end.
 
         In distributed runs only rank 0 logs (on other ranks this does nothing)."""
@@ -179,12 +179,13 @@ class CometLogger:
         from ignite.engine import Events
 
         if idist.get_rank() != 0:
-            return
+            return self
         trainer.add_event_handler(Events.STARTED, self.start)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
         trainer.add_event_handler(Events.TERMINATE, self.close)
         trainer.add_event_handler(Events.COMPLETED, self.close)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._exception_handler)
+        return self
 
     def _resolve_online(self) -> bool:
         online = comet_online_default() if self.online is None else self.online

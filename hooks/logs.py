@@ -52,9 +52,10 @@ class NpyLogs:
     def logs_dir(self) -> Path:
         return self.exp_dir.logs
 
-    def attach(self, trainer: Engine) -> None:
+    def attach(self, trainer: Engine) -> NpyLogs:
         trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+        return self
 
     def _on_started(self, trainer: Engine) -> None:
         """A resumed run rewrites the files from its restored history at once, so logs that a

@@ -54,9 +54,10 @@ class Patience:
         """True once ``patience`` consecutive epochs passed without improvement."""
         return self.monitor.bad_epochs >= self.patience
 
-    def attach(self, trainer: Engine) -> None:
+    def attach(self, trainer: Engine) -> Patience:
         trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+        return self
 
     def _stop(self, trainer: Engine) -> None:
         m = self.monitor

@@ -42,10 +42,10 @@ class Progress:
         self._epoch_bar: tqdm | None = None
         self._iter_bar: tqdm | None = None
 
-    def attach(self, trainer: Engine) -> None:
-        """Add the bar handlers; does nothing when disabled."""
+    def attach(self, trainer: Engine) -> Progress:
+        """Add the bar handlers (none when disabled); returns self."""
         if not self.enabled:
-            return
+            return self
         trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration_completed)
@@ -53,6 +53,7 @@ class Progress:
         trainer.add_event_handler(Events.COMPLETED, self.close)
         trainer.add_event_handler(Events.TERMINATE, self.close)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+        return self
 
     def _bar(self, **kwargs) -> tqdm:
         return tqdm(file=self.file, dynamic_ncols=True, **kwargs)

@@ -15,7 +15,10 @@ from tractrain.util import reraise_if_last
 class GracefulStop:
     """On SIGINT or SIGTERM, let the running iteration finish, save ``checkpoint`` (mid-epoch)
     and terminate the trainer with a message saying how to resume. A second SIGINT aborts at
-    once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived."""
+    once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived.
+
+    In a single process nothing runs per iteration until a signal arrives; in a distributed
+    run every iteration asks all ranks (one all_reduce), so they stop at the same one."""
 
     def __init__(self, checkpoint, resume_hint: str | None = None,
                  signals=(signal.SIGINT, signal.SIGTERM)) -> None:
@@ -24,10 +27,10 @@ class GracefulStop:
         self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict = {}
+        self._trainer: Engine | None = None
 
     def attach(self, trainer: Engine) -> GracefulStop:
         trainer.add_event_handler(Events.STARTED, self._install)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_stop)
         trainer.add_event_handler(Events.COMPLETED, self._uninstall)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
         return self
@@ -36,7 +39,17 @@ class GracefulStop:
         self._uninstall(trainer)
         reraise_if_last(trainer, self._on_exception, error)
 
+    def _watch(self) -> None:
+        """Check for a stop at every ITERATION_COMPLETED from now on."""
+        trainer = self._trainer
+        if trainer is not None and not trainer.has_event_handler(self._maybe_stop,
+                                                                 Events.ITERATION_COMPLETED):
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_stop)
+
     def _install(self, trainer: Engine) -> None:
+        self._trainer = trainer
+        if self.received is not None or idist.get_world_size() > 1:
+            self._watch()
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
@@ -54,6 +67,7 @@ class GracefulStop:
         print(f"\n{signal.Signals(signum).name} received: finishing the current iteration, "
               "then saving a checkpoint (press Ctrl-C again to abort without saving)",
               file=sys.stderr, flush=True)
+        self._watch()  # the trainer stops after the running iteration
 
     def _maybe_stop(self, trainer: Engine) -> None:
         if idist.get_world_size() > 1:  # every rank stops (and saves) at the same iteration

@@ -304,11 +304,15 @@ def test_deferred_checks_train_identically_and_still_stop_on_nan(straight, tmp_p
         loss, n = loss_fn(model, batch)
         return (loss * float("nan") if _calls[0] == 3 else loss), n
 
-    from tractrain.engine.trainer import create_trainer
+    from tractrain.engine.trainer import TrainerEngine, TrainStep
     from tractrain.hooks.checkpoint import Checkpoint
 
-    trainer = create_trainer(model, optimizer, nan_at_third, check_every=4)
-    Checkpoint(exp, {"model": model}, every_iterations=4).attach(trainer)
+    step = TrainStep(model, optimizer, nan_at_third, check_every=4)
+    trainer = TrainerEngine(step)
+    # attached before the step's own checks: the save itself must check first
+    Checkpoint(exp, {"model": model}, every_iterations=4,
+               before_save=step.check_finite).attach(trainer)
+    step.attach(trainer)
     train.sampler.set_epoch(0)
     with pytest.raises(NonFiniteError, match="at iteration 3 .*checked every 4"):
         trainer.run(train, max_epochs=1)
@@ -329,3 +333,48 @@ def test_checkpoint_of_release_0_1_0_still_resumes_exactly(tmp_path):
     resumed = run(exp, 4, resume=True, checkpoint_every=2)
     straight = run(tmp_path / "straight", 4)
     assert_same_run(straight, resumed, tmp_path / "straight", exp)
+
+
+class EpochCounter:
+    """A producer with state: counts the epochs it saw into ``epochs_counted``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def attach(self, trainer):
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._count)
+        return self
+
+    def _count(self, trainer) -> None:
+        self.count += 1
+        trainer.state.metrics["epochs_counted"] = float(self.count)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+
+
+def test_producers_are_checkpointed_by_name_and_old_producer_keys_still_resume(tmp_path):
+    from tractrain.hooks.checkpoint import load_checkpoint
+
+    exp = tmp_path / "exp"
+
+    def train(max_epochs: int, resume: bool) -> EpochCounter:
+        model, counter = make_model(), EpochCounter()
+        train_loader, valid = make_loaders()
+        train_and_validate(model, torch.optim.Adam(model.parameters(), lr=0.01), loss_fn,
+                           train_loader, valid_loader=valid, exp_dir=exp,
+                           max_epochs=max_epochs, producers=(counter,), progress=False,
+                           handle_signals=False, resume=resume)
+        return counter
+
+    train(2, resume=False)
+    _, states = load_checkpoint(exp)
+    assert states["epoch_counter"] == {"count": 2}
+    states["producer_0"] = states.pop("epoch_counter")  # the key tractrain 0.1 wrote
+    torch.save(states, exp / "checkpoint" / "state.pt")
+    assert train(3, resume=True).count == 3  # restored from producer_0, then one more epoch

@@ -488,3 +488,32 @@ def test_npy_logs_out_of_step_after_a_kill_agree_again_when_a_resumed_run_starts
 
     trainer.run(list(range(EPOCH_LENGTH)), max_epochs=1)
     assert seen == {"train_loss": 3, "lr": 3}
+
+
+# ---------------------------------------------------------------- attach
+
+
+def test_every_hook_attach_returns_the_hook_for_chaining(tmp_path):
+    from tractrain.engine.epochs import SamplerEpochs
+    from tractrain.engine.optim import EpochLR
+    from tractrain.engine.trainer import TrainStep
+    from tractrain.hooks.checkpoint import Checkpoint
+    from tractrain.hooks.comet import CometLogger
+    from tractrain.hooks.grad_norm import GradNorm
+    from tractrain.hooks.signals import GracefulStop
+    from tractrain.hooks.timing import Timing
+    from tractrain.hooks.validation import Validation
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoint = Checkpoint(tmp_path, {"model": model})
+    hooks = [
+        TrainStep(model, optimizer, lambda m, b: (m(b).sum(), 1)), SamplerEpochs(None),
+        EpochLR("0.1", optimizer), Timing(), GradNorm(), Validation(make_trainer(dict), []),
+        BestModel(tmp_path, model), Patience(None), NpyLogs(tmp_path), Progress(enabled=False),
+        Progress(enabled=True, file=io.StringIO()), CometLogger(tmp_path, online=False),
+        checkpoint, GracefulStop(checkpoint),
+    ]
+    trainer = make_trainer(dict)
+    for hook in hooks:
+        assert hook.attach(trainer) is hook, type(hook).__name__
