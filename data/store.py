@@ -160,9 +160,7 @@ class Store:
         self.volume_groups: dict[str, dict] = dict(attrs["volume_groups"])
         self.streamline_groups: dict[str, dict] = dict(attrs["streamline_groups"])
         self.provenance: dict = dict(attrs["provenance"])
-        # Stores built before tractrain wrote every chunk may omit all-zero volume chunks:
-        # only stores that say they hold every chunk get lost volume/dps chunks refused.
-        self.all_chunks = attrs.get(ALL_CHUNKS_ATTR) is True
+        self.all_chunks = attrs.get(ALL_CHUNKS_ATTR) is True  # else old: zero chunks skipped
         check_subjects(self._root(), self.path, self.subjects, self.volume_groups,
                        self.streamline_groups, max_array_bytes)
         if not lazy:
@@ -226,9 +224,8 @@ class Store:
         """The array at ``keys``, its chunks checked once (none lost, size plausible)."""
         arr = self._array(*keys)
         if keys not in self._verified:
-            complete = self.all_chunks or keys[-1] in STREAMLINE_ARRAYS
             check_chunks(f"{self.path}: {'/'.join(keys[:-1])}", {keys[-1]: arr},
-                         complete=complete)
+                         complete=self.all_chunks or keys[-1] in STREAMLINE_ARRAYS)
             self._verified.add(keys)
         return arr
 
