@@ -44,6 +44,7 @@ from tractrain.data.phantom_signal import (
 from tractrain.errors import ConfigError
 
 FEATURES = ("dwi", "sh")
+PHANTOM_VERSION = 2  # part of demo_store's cache key: bump when the phantom's content changes
 
 
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, compresslevel: int) -> None:
@@ -234,13 +235,14 @@ def make_phantom(
 def demo_store(cache_dir: str | os.PathLike, **phantom_kwargs):
     """Open (building it on first use) a store of a phantom, cached under ``cache_dir``.
 
-    The cache key is a hash of ``phantom_kwargs``; needs ``tractrain.data.builder`` and
-    ``tractrain.data.store``.
+    The cache key is a hash of ``phantom_kwargs`` and ``PHANTOM_VERSION``; needs
+    ``tractrain.data.builder`` and ``tractrain.data.store``.
     """
     from tractrain.data.builder import build_store
     from tractrain.data.store import open_store
 
-    text = json.dumps(phantom_kwargs, sort_keys=True, default=str)
+    text = json.dumps({**phantom_kwargs, "version": PHANTOM_VERSION}, sort_keys=True,
+                      default=str)
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     root = Path(cache_dir) / f"phantom-{key}"
     store_path = Path(cache_dir) / f"store-{key}.zarr"
