@@ -11,9 +11,11 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tractrain.atomic import atomic_write_bytes
+from tractrain.bin.options import DEMO_LOSS
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.dataloader import make_dataloader
@@ -22,6 +24,13 @@ from tractrain.data.packing import SamplerConfig
 from tractrain.data.sampler import BatchSampler
 from tractrain.data.split_index import split_index
 from tractrain.data.store import open_store
+from tractrain.data.valid_sample import (
+    coverage,
+    describe,
+    sample_size,
+    store_strata,
+    stratified_sample,
+)
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
@@ -113,9 +122,12 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     train_loader = make_dataloader(store, train_sampler, augment=augment, **feeding(config))
     valid_loader = None
     if store.splits.get("valid"):
-        valid_loader = eval_loader(store, config, split_index(store, "valid", group),
+        valid_loader = eval_loader(store, config, validation_index(store, group, config),
                                    max_batches=config["max_batches_valid"], rank=rank,
                                    world_size=world)
+        if rank == 0:
+            print(f"validation: {valid_coverage(store, group, valid_loader.sampler)}",
+                  flush=True)
     first = store.splits["train"][0]
     n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
                                   inputs, store.volume_info(first, inputs.volume_group)
@@ -136,7 +148,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         comet = {"project_name": config["comet_project"], "workspace": config["comet_workspace"],
                  "experiment_name": config["name"]}
     prepare = device_inputs(store, config)
-    return train_and_validate(
+    trainer = train_and_validate(
         model, optimizer, loss_fn, train_loader, valid_loader=valid_loader, exp_dir=exp_dir,
         max_epochs=config["max_epochs"], device=device, amp=config["amp"],
         clip_grad_norm=config["clip_grad_norm"], lr_schedule=config["lr"],
@@ -148,6 +160,37 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         progress=config["progress"], checkpoint_every=config["checkpoint_every"],
         resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
     )
+    if config["loss"] == DEMO_LOSS and valid_loader is not None and world == 1:
+        from tractrain.examples.next_direction import baselines
+
+        trainer.state.baselines = baselines(valid_loader)  # same points as valid_loss
+    return trainer
+
+
+def validation_index(store, group: str, config: dict):
+    """The valid split's index; when validation is capped (``max_batches_valid``,
+    ``valid_fraction``) a fixed sample of it, seeded by ``seed`` and stratified by subject and
+    bundle (`tractrain.data.valid_sample`): the same streamlines at every epoch and resume."""
+    full = split_index(store, "valid", group)
+    cap, fraction = config["max_batches_valid"], config.get("valid_fraction")
+    if cap is None and fraction is None:
+        return full
+    max_cost = None if cap is None else cap * float(config["batch_size"])
+    size = sample_size(full, fraction=fraction, max_cost=max_cost, units=config["batch_units"])
+    return stratified_sample(full, size, config["seed"], store_strata(store, full))
+
+
+def valid_coverage(store, group: str, sampler: BatchSampler) -> str:
+    """One line: the share of the valid split that the sampler's (fixed) epoch evaluates."""
+    full = split_index(store, "valid", group)
+    seen: dict[str, list] = {s: [np.empty(0, np.int64)] for s in full.subjects}
+    for batch in sampler.batches(0):
+        for subject, ids in batch:
+            seen[subject].append(ids)
+    positions = tuple(np.sort(np.concatenate(seen[s])) for s in full.subjects)
+    line = describe(coverage(full.subset(positions), full, store_strata(store, full)))
+    whole = all(p.size == n for p, n in zip(positions, full.counts.tolist(), strict=True))
+    return line + ("" if whole else f" (fixed sample, seed {sampler.seed})")
 
 
 def input_config(config: dict) -> InputConfig:
@@ -232,6 +275,11 @@ def summary(trainer, exp_dir: Path, plot: Path | None) -> str:
     metrics = trainer.state.metrics
     lines = [f"done: {trainer.state.epoch} epochs, train_loss {metrics.get('train_loss', 0):.4f}"
              + (f", valid_loss {metrics['valid_loss']:.4f}" if "valid_loss" in metrics else "")]
+    base = getattr(trainer.state, "baselines", None)
+    if base and "valid_loss" in metrics:
+        lines.append(f"valid, same {base['n']} steps: model {metrics['valid_loss']:.4f} | "
+                     f"repeat previous direction {base['previous_direction']:.4f} | best "
+                     f"constant direction {base['constant_direction']:.4f}")
     best = getattr(trainer.state, "best_epoch", None)
     if best:
         lines.append(f"best epoch {best['epoch']}: {best['metric']} {best['value']:.4f}")

@@ -26,7 +26,9 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--voxel-size", type=float, default=2.0, help="voxel size in mm (2.0)")
     parser.add_argument("--streamlines", type=int, default=300,
                         help="streamlines per subject (300)")
-    parser.add_argument("--bundles", type=int, default=3, help="bundles per subject (3)")
+    parser.add_argument("--bundles", type=int, default=6,
+                        help="bundles per subject, 1 to 6 from the catalogue: arc, crossing, "
+                             "kissing pair, S-shape, fan (6)")
     parser.add_argument("--step", type=float, default=0.5, help="streamline step in mm (0.5)")
     parser.add_argument("--features", choices=("dwi", "sh"), default="dwi",
                         help="dwi: b0-normalised signal (64 features); sh: its SH fit (dwi)")

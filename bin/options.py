@@ -39,7 +39,12 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "subjects_per_batch": (None, int, "subjects per batch (default: all)"),
     "cycles": (1, int, "batches drawn from the same subjects before changing them"),
     "max_batches_train": (None, int, "cap on training batches per epoch"),
-    "max_batches_valid": (None, int, "cap on validation batches per epoch"),
+    "max_batches_valid": (None, int, "cap on validation batches per epoch: validation then "
+                                     "uses a fixed seeded sample stratified by subject and "
+                                     "bundle, about N batches' worth"),
+    "valid_fraction": (None, float, "validate on this fraction (0, 1] of the validation "
+                                    "streamlines: a fixed seeded sample stratified by subject "
+                                    "and bundle"),
     # loader
     "step_size": (1.0, float, "resample streamlines to this step (mm); none to keep"),
     "compress": (None, float, "compress streamlines with this tolerance (mm) instead"),
@@ -90,7 +95,7 @@ SECTIONS = {
     "experiment": ("name", "experiments", "store", "group", "cache_dir", "model", "loss",
                    "model_config", "seed", "torch_seed", "max_epochs"),
     "sampler": ("batch_size", "batch_units", "subjects_per_batch", "cycles",
-                "max_batches_train", "max_batches_valid"),
+                "max_batches_train", "max_batches_valid", "valid_fraction"),
     "loader": ("step_size", "compress", "split_ratio", "reverse_ratio", "noise_mm",
                "noise_truncation", "volume_group", "neighborhood", "radius_mm", "resolution_mm",
                "outside", "interpolate", "num_workers", "lazy", "cache_gb"),

@@ -38,7 +38,9 @@ Algorithm (epochs are 0-based):
    epoch are left out that epoch).
 
 Within a batch, subjects come in split order, once each, and a subject's ids keep their
-epoch order (ascending without shuffle). Id arrays are read-only int64 views.
+epoch order (the index's order without shuffle). Ids are the index's store ids (``index.ids``:
+a subset such as a validation sample packs only its own streamlines); id arrays are read-only
+int64 views.
 """
 
 from __future__ import annotations
@@ -178,10 +180,10 @@ class _Epoch:
         self.counts = index.counts
         costs = streamline_costs(index, config.units)
         self.ids, self.costs, self.cums = [], [], []
-        for n, cost in zip(self.counts.tolist(), costs, strict=True):
+        for n, cost, store_ids in zip(self.counts.tolist(), costs, index.ids, strict=True):
             perm = rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)
             perm = perm.astype(np.int64, copy=False)
-            self.ids.append(perm)
+            self.ids.append(store_ids[perm])
             self.costs.append(cost[perm])
             self.cums.append(np.concatenate(([0.0], np.cumsum(cost[perm], dtype=np.float64))))
 

@@ -3,8 +3,9 @@ store-builder config (`make_phantom`), and a cached store of them (`demo_store`)
 
 Each subject folder holds ``dwi.nii.gz`` (b0-normalised diffusion signal or its SH fit),
 ``mask.nii.gz`` (white matter: voxels the bundles cross, dilated by one voxel, 6-connected) and
-``bundles.trk`` (ground-truth streamlines in RAS+ mm, one ``bundle`` value per streamline).
-The bundles' shapes are in `tractrain.data.phantom_bundles`, the diffusion signal in
+``bundles.trk`` (ground-truth streamlines in RAS+ mm, one ``bundle`` value per streamline, a
+random half stored end to start). The bundles' shapes (arcs, a crossing, a kissing pair, an
+S-shape, fanning ends) are in `tractrain.data.phantom_bundles`, the diffusion signal in
 `tractrain.data.phantom_signal`.
 """
 
@@ -25,9 +26,11 @@ from scipy import ndimage
 from tractrain.atomic import atomic_write_dir, atomic_write_json, is_complete
 from tractrain.data.format import SPLITS
 from tractrain.data.phantom_bundles import (
+    MAX_BUNDLES,
     bundle_box,
     bundle_templates,
     phantom_affine,
+    reverse_some,
     subject_streamlines,
 )
 from tractrain.data.phantom_signal import (
@@ -41,6 +44,7 @@ from tractrain.data.phantom_signal import (
 from tractrain.errors import ConfigError
 
 FEATURES = ("dwi", "sh")
+PHANTOM_VERSION = 2  # part of demo_store's cache key: bump when the phantom's content changes
 
 
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, compresslevel: int) -> None:
@@ -118,6 +122,9 @@ def _validate(n_subjects, shape, voxel_size, n_bundles, streamlines_per_subject,
 
     positive_int("n_subjects", n_subjects)
     positive_int("n_bundles", n_bundles)
+    if n_bundles > MAX_BUNDLES:
+        raise ConfigError(f"n_bundles: expected at most {MAX_BUNDLES} (the phantom's bundle "
+                          f"catalogue), got {n_bundles}")
     positive_int("streamlines_per_subject", streamlines_per_subject)
     if streamlines_per_subject < n_bundles:
         raise ConfigError(f"streamlines_per_subject: expected at least n_bundles={n_bundles}, "
@@ -150,7 +157,7 @@ def make_phantom(
     n_subjects: int = 3,
     shape: tuple[int, int, int] = (32, 32, 20),
     voxel_size: float = 2.0,
-    n_bundles: int = 3,
+    n_bundles: int = MAX_BUNDLES,
     streamlines_per_subject: int = 300,
     step_mm: float = 0.5,
     features: str = "dwi",
@@ -199,6 +206,7 @@ def make_phantom(
             del signal
             if features == "sh":
                 data = fit_sh(data, sh_order)
+            points, _ = reverse_some(points, lengths, rng)  # after the signal: same fibres
             mask = np.zeros(int(np.prod(shape)), dtype=bool)
             mask[vox] = True
             mask = mask.reshape(shape)
@@ -227,13 +235,14 @@ def make_phantom(
 def demo_store(cache_dir: str | os.PathLike, **phantom_kwargs):
     """Open (building it on first use) a store of a phantom, cached under ``cache_dir``.
 
-    The cache key is a hash of ``phantom_kwargs``; needs ``tractrain.data.builder`` and
-    ``tractrain.data.store``.
+    The cache key is a hash of ``phantom_kwargs`` and ``PHANTOM_VERSION``; needs
+    ``tractrain.data.builder`` and ``tractrain.data.store``.
     """
     from tractrain.data.builder import build_store
     from tractrain.data.store import open_store
 
-    text = json.dumps(phantom_kwargs, sort_keys=True, default=str)
+    text = json.dumps({**phantom_kwargs, "version": PHANTOM_VERSION}, sort_keys=True,
+                      default=str)
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     root = Path(cache_dir) / f"phantom-{key}"
     store_path = Path(cache_dir) / f"store-{key}.zarr"

@@ -13,6 +13,8 @@ the same inputs as in training (features at point t and the unit direction t - 1
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
@@ -60,32 +62,62 @@ def make_model(config: dict) -> torch.nn.Module:
                             int(config.get("num_layers", 1)), float(config.get("dropout", 0.0)))
 
 
+def step_directions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The points the loss uses: flat index of point t of every step t -> t + 1 (N,), the unit
+    true direction of each step (N, 3) and the previous one (zeros at a streamline's first
+    step)."""
+    points, lengths = batch.points, batch.lengths
+    # A step t goes from point t to t + 1: every point except the last of its streamline.
+    last = (batch.offsets[1:] - 1)[lengths > 0]
+    has_next = torch.ones(len(points), dtype=torch.bool, device=points.device)
+    has_next[last] = False
+    at = torch.nonzero(has_next).squeeze(1)
+    target = F.normalize(points[at + 1] - points[at], dim=1)
+    previous = torch.roll(target, 1, dims=0)
+    is_first = torch.zeros_like(has_next)
+    is_first[batch.offsets[:-1][lengths > 0]] = True
+    previous[is_first[at]] = 0.0
+    return at, target, previous
+
+
 def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """Mean (1 - cosine similarity) between predicted and true directions, over all points
     that have a successor; n = number of such points."""
     if batch.inputs is None:
         raise ConfigError("next_direction loss_fn: batch.inputs is None; configure the "
                           "loader's inputs (InputConfig with a volume_group)")
-    points, lengths = batch.points, batch.lengths
-    # A step t goes from point t to t + 1: every point except the last of its streamline.
-    # Flat index of the last point of each streamline (skipping empty ones):
-    last = (batch.offsets[1:] - 1)[lengths > 0]
-    has_next = torch.ones(len(points), dtype=torch.bool, device=points.device)
-    has_next[last] = False
-    at = torch.nonzero(has_next).squeeze(1)  # flat index of point t for every step
+    at, target, previous = step_directions(batch)
     if len(at) == 0:  # only one-point streamlines: nothing to predict, zero gradient
         return sum(p.sum() for p in model.parameters()) * 0.0, 0
-    target = F.normalize(points[at + 1] - points[at], dim=1)  # unit directions (N, 3)
-
-    # Previous direction: the target of the step before, zeros at a streamline's first point.
-    previous = torch.roll(target, 1, dims=0)
-    is_first = torch.zeros_like(has_next)
-    is_first[batch.offsets[:-1][lengths > 0]] = True
-    previous[is_first[at]] = 0.0
-
-    n_steps = (lengths - 1).clamp(min=0)  # steps per streamline
+    n_steps = (batch.lengths - 1).clamp(min=0)  # steps per streamline
     x = torch.cat([batch.inputs[at], previous], dim=1)  # (N, F + 3)
     steps = [s for s in torch.split(x, n_steps.tolist()) if len(s) > 0]
     predicted = model(steps)  # (N, 3), same order as ``target``
     loss = 1.0 - F.cosine_similarity(predicted, target, dim=1)
     return loss.mean(), len(at)
+
+
+def baselines(batches: Iterable[Batch]) -> dict[str, float]:
+    """Trivial predictors scored like `loss_fn`, on the same points (every step of the given
+    batches, e.g. a validation loader):
+
+    - ``previous_direction``: repeat the previous true direction (the model's own input; at a
+      streamline's first step there is none, which scores 1 like any orientation guess);
+    - ``constant_direction``: the best single direction for every step, the normalised mean
+      true direction (near 1 when streamlines are stored both ways round);
+    - ``n``: the number of steps.
+
+    A model that learned something beyond continuing straight scores below
+    ``previous_direction``."""
+    previous_sum, direction_sum, n = 0.0, torch.zeros(3, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            at, target, previous = step_directions(batch)
+            cos = F.cosine_similarity(previous, target, dim=1)
+            previous_sum += float((1.0 - cos).double().sum())
+            direction_sum += target.double().sum(dim=0).cpu()
+            n += len(at)
+    if n == 0:
+        raise ConfigError("baselines: the batches hold no step (streamlines of >= 2 points)")
+    return {"previous_direction": previous_sum / n,
+            "constant_direction": 1.0 - float(direction_sum.norm()) / n, "n": n}

@@ -1,6 +1,7 @@
 """`GenerationValidation`: every K epochs, track from validation seeds and score the endpoints.
 
-A fixed set of validation streamlines is drawn once (from ``seed``). Each is resampled to
+A fixed set of validation streamlines is drawn once (from ``seed``, stratified by subject and
+bundle). Each is resampled to
 ``step_mm``; its first ``seed_points`` points warm the model's recurrent state up (teacher
 forcing, `tractrain.generation.tracker.continue_tracks`), then the model tracks on alone. The hook
 writes into ``trainer.state.metrics``:
@@ -26,7 +27,9 @@ from ignite.engine import Engine, Events
 
 from tractrain.data.augment import resample
 from tractrain.data.interpolation import InputConfig
+from tractrain.data.split_index import split_index
 from tractrain.data.store import expand_ranges
+from tractrain.data.valid_sample import store_strata, stratified_sample
 from tractrain.errors import CheckpointError, ConfigError
 from tractrain.generation.field import subject_field
 from tractrain.generation.scores import endpoint_scores
@@ -88,28 +91,23 @@ class GenerationValidation:
 
     # -- the fixed validation set ---------------------------------------------------------
     def select(self) -> list[tuple[str, np.ndarray]]:
-        """The fixed ``[(subject, sorted ids), ...]``, drawn once from ``seed``.
+        """The fixed ``[(subject, sorted ids), ...]``, drawn once from ``seed``: a sample
+        stratified by subject and bundle (`tractrain.data.valid_sample`).
 
         Only streamlines longer than the prefix (``seed_points`` steps) are candidates."""
         if self.selection is None:
-            pool = []
-            for subject in self.store.splits[self.split]:
-                index = self.store.streamline_index(subject, self.group)
-                ok = np.flatnonzero((index.lengths >= 2)
-                                    & (index.lengths_mm > self.seed_points * self.step_mm))
-                pool += [(subject, int(i)) for i in ok]
-            if not pool:
+            full = split_index(self.store, self.split, self.group)
+            long_enough = tuple(np.flatnonzero((n >= 2) & (mm > self.seed_points * self.step_mm))
+                                for n, mm in zip(full.lengths, full.lengths_mm, strict=True))
+            pool = full.subset(long_enough)
+            if pool.counts.sum() == 0:
                 raise ConfigError(f"GenerationValidation: no {self.split} streamline of "
                                   f"{self.group!r} is longer than {self.seed_points} steps of "
                                   f"{self.step_mm} mm")
-            rng = np.random.default_rng(self.seed)
-            chosen = rng.choice(len(pool), size=min(self.n_streamlines, len(pool)),
-                                replace=False)
-            by_subject: dict[str, list[int]] = {}
-            for k in sorted(chosen.tolist()):
-                by_subject.setdefault(pool[k][0], []).append(pool[k][1])
-            self.selection = [(s, np.asarray(ids, dtype=np.int64))
-                              for s, ids in by_subject.items()]
+            chosen = stratified_sample(pool, self.n_streamlines, self.seed,
+                                       store_strata(self.store, pool))
+            self.selection = [(s, np.sort(ids)) for s, ids in
+                              zip(chosen.subjects, chosen.ids, strict=True) if ids.size]
         return self.selection
 
     def _prefixes(self, subject: str, ids: np.ndarray):

@@ -193,3 +193,25 @@ def test_loss_on_cuda_matches_cpu():
     cuda_loss, cuda_n = loss_fn(net.cuda(), batch.to("cuda"))
     assert cuda_n == cpu_n
     assert cuda_loss.item() == pytest.approx(cpu_loss.item(), rel=1e-4, abs=1e-6)
+
+
+def test_baselines_score_the_trivial_predictors_on_the_loss_points():
+    """Straight streamlines: repeating the previous direction is exact except at each first
+    step (scored 1); one constant direction is exact while they all run the same way and
+    useless (1) once half run the other way."""
+    from tractrain.examples.next_direction import baselines
+
+    rng = np.random.default_rng(0)
+    direction = np.array([0.0, 0.6, 0.8])
+    lines = [rng.uniform(5, 15, 3) + 0.5 * np.arange(n)[:, None] * direction
+             for n in (5, 9, 12, 7)]
+    base = baselines([make_batch(lines, None)])
+    steps = sum(len(s) - 1 for s in lines)
+    assert base["n"] == steps
+    assert base["previous_direction"] == pytest.approx(len(lines) / steps, abs=1e-6)
+    assert base["constant_direction"] == pytest.approx(0.0, abs=1e-6)
+    both_ways = lines + [s[::-1] + 1.0 for s in lines]
+    assert baselines([make_batch(both_ways, None)])["constant_direction"] == pytest.approx(
+        1.0, abs=1e-6)
+    with pytest.raises(ConfigError, match="baselines"):
+        baselines([make_batch([lines[0][:1]], None)])

@@ -129,7 +129,7 @@ def test_trained_demo_model_reaches_the_reference_ends_better(phantom_store):
     hook = GenerationValidation(model, store, "bundles", INPUTS, n_streamlines=30,
                                 seed_points=3, step_mm=1.0, within_mm=5.0, seed=0)
     before = hook.evaluate()
-    train_briefly(store, model, steps=30)
+    train_briefly(store, model, steps=300)
     after = hook.evaluate()
     print(f"\ngeneration validation on the phantom (30 valid streamlines, 3 seed points, "
           f"1 mm steps): untrained {before}, trained {after}")
