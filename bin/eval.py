@@ -118,7 +118,20 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
     return {"experiment": str(exp_dir), "split": args.split, "which": args.which,
             "epoch": weights_epoch(exp_dir, args.which), "store": str(store.path),
             **overall, "subjects": subjects,
-            "generation": generation_scores(model, store, config, args.split, n_gen, device)}
+            "generation": generation_scores(model, store, config, args.split, n_gen, device),
+            "baselines": demo_baselines(config, eval_loader(store, config, index))}
+
+
+def demo_baselines(config: dict, loader) -> dict | None:
+    """For the demo's loss: the trivial predictors' scores on the same points (see
+    `tractrain.examples.next_direction.baselines`); None for any other loss."""
+    from tractrain.bin.options import DEMO_LOSS
+
+    if config.get("loss") != DEMO_LOSS:
+        return None
+    from tractrain.examples.next_direction import baselines
+
+    return baselines(loader)
 
 
 def _cell(value) -> str:
@@ -144,6 +157,11 @@ def format_table(report: dict) -> str:
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in cells]
     epoch = f" (epoch {report['epoch']})" if report["epoch"] is not None else ""
+    base = report.get("baselines")
+    if base:
+        lines.append(f"baselines on the same {base['n']} steps: repeat previous direction "
+                     f"{base['previous_direction']:.6g} | best constant direction "
+                     f"{base['constant_direction']:.6g} (model: {report['loss']:.6g})")
     return "\n".join([f"{report['experiment']}: {report['split']} split, {report['which']} "
                       f"weights{epoch}", *lines])
 

@@ -64,6 +64,10 @@ def test_valid_split_reproduces_the_logged_valid_loss(trained_experiment):
     assert float(rows[-1]["loss"]) == pytest.approx(logged, rel=1e-12)
     assert rows[-1]["gen_endpoint_dist"] and not rows[0]["gen_endpoint_dist"]
     assert "sub-03" in done.stdout and "gen_endpoint_dist" in done.stdout  # the table
+    base = report["baselines"]  # the demo's loss: trivial predictors on the same steps
+    assert base["n"] == report["n"] and 0.0 <= base["previous_direction"] <= 2.0
+    assert 0.0 <= base["constant_direction"] <= 1.0
+    assert "repeat previous direction" in done.stdout
 
 
 def test_default_is_the_test_split_with_the_best_model(trained_experiment):
