@@ -13,10 +13,13 @@ into ``trainer.state.metrics``.
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events, State
 
@@ -38,6 +41,24 @@ class TrainerEngine(Engine):
     budget, so their length varies. `SamplerEpochs` sets ``state.epoch_length`` at every
     EPOCH_STARTED; the run ends on ``max_epochs`` (or ``max_iters``) only.
     """
+
+    def _fire_event(self, event_name, *event_args, **event_kwargs) -> None:
+        """ignite's dispatch, minus its per-event debug message (formatted for every event even
+        when DEBUG is off: a measurable share of a small model's iteration) and minus any
+        work for events without handlers. Handlers are called as ignite calls them."""
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._fire_event(event_name, *event_args, **event_kwargs)
+        self.last_event_name = event_name
+        for func, args, kwargs in self._event_handlers.get(event_name, ()):
+            kwargs.update(event_kwargs)
+            if args and isinstance(args[0], weakref.ref):  # ignite's reference to the engine
+                engine = args[0]()
+                if engine is None:
+                    raise RuntimeError("Engine reference not resolved")
+                func(engine, *event_args, *args[1:], **kwargs)
+            else:
+                func(*event_args, *args, **kwargs)
+        return None
 
     @staticmethod
     def _is_done(state: State) -> bool:
@@ -104,6 +125,14 @@ def clip_factor(norm: float | torch.Tensor, max_norm: float) -> float | torch.Te
     if isinstance(norm, torch.Tensor):
         return torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(norm.dtype)
     return min(1.0, max_norm / (norm + 1e-6))
+
+
+def scaled_norm(norm: float | torch.Tensor, factor: float | torch.Tensor) -> float | torch.Tensor:
+    """``norm * factor`` as float32 arithmetic gives it (the norm's own precision): a float for
+    a norm read on the host (no tensor op per batch), else a tensor where ``norm`` is."""
+    if isinstance(norm, torch.Tensor):
+        return norm * factor
+    return float(np.float32(norm) * np.float32(factor))
 
 
 def _to_device(batch, device: torch.device):
@@ -178,21 +207,27 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             loss, n = self.loss_fn(self.model, batch)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
+        if self.amp:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         loss, n, norm = loss.detach(), float(n), total_grad_norm(self.params)
         checked = self._check(engine, loss, norm)
         if checked is None:  # a non-finite batch under nan_policy "skip"
             return _skipped_output()
         loss_value, norm_value = checked  # host floats, or the tensors with deferred checks
-        clipped = norm
+        clipped = norm_value
         if self.clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, norm)
-            clipped = norm * clip_factor(norm_value, self.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            clipped = scaled_norm(norm_value, clip_factor(norm_value, self.clip))
+        if self.amp:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.mean.update(loss_value, n)
-        return {"loss": loss, "n": n, "grad_norm": clipped, "unclipped_grad_norm": norm}
+        return {"loss": loss, "n": n, "grad_norm": clipped, "unclipped_grad_norm": norm_value}
 
     def _check(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> tuple | None:
         """``(loss, norm)`` read on the host and checked; with deferred checks the tensors

@@ -13,7 +13,7 @@ class GradNorm:
     their epoch means (``grad_norm``, ``unclipped_grad_norm``) and the epoch maximum before
     clipping (``unclipped_grad_norm_max``) into ``trainer.state.metrics``. The per-batch values
     of the current epoch are in ``self.batch_values``. Resumes mid-epoch via ``state_dict``.
-    Values computed on a GPU stay there until the epoch ends (no host sync per batch)."""
+    Tensor values stay where they are until the epoch ends (no host read per batch)."""
 
     KEYS = ("grad_norm", "unclipped_grad_norm")
 
@@ -29,10 +29,10 @@ class GradNorm:
         output = trainer.state.output
         if not isinstance(output, dict) or output.get("skipped"):
             return
-        for key in self.KEYS:
+        for key in self.KEYS:  # tensors kept as they are: read once per epoch (`_to_floats`)
             value = output[key]
-            on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
-            self.batch_values[key].append(value.detach() if on_device else float(value))
+            self.batch_values[key].append(value.detach() if isinstance(value, torch.Tensor)
+                                          else float(value))
 
     def _to_floats(self) -> None:
         """Read the values kept on a device, one transfer per metric."""

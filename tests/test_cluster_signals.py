@@ -22,8 +22,9 @@ _calls = {"train": 0}
 
 def marking_loss(model, batch):
     """The demo loss; at training batch ``SIGNAL_TEST_AT`` it creates the file named by
-    ``SIGNAL_TEST_MARK`` (the test then signals the group) and waits a moment for the signal,
-    so that the stop lands mid-epoch with the workers alive."""
+    ``SIGNAL_TEST_MARK`` (the test then signals the group) and waits until the test says it
+    has sent the signal (``<mark>.sent``), so that the stop lands at this very batch with the
+    workers alive, however loaded the machine."""
     from tractrain.examples.next_direction import loss_fn
 
     if model.training:
@@ -31,7 +32,10 @@ def marking_loss(model, batch):
         if (mark := os.environ.get(MARK_ENV)) and _calls["train"] == int(
                 os.environ.get("SIGNAL_TEST_AT", "0")):
             Path(mark).write_text(str(os.getpid()))
-            time.sleep(1.0)
+            deadline = time.time() + 60
+            while not Path(mark + ".sent").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.1)
     return loss_fn(model, batch)
 
 
@@ -92,6 +96,7 @@ def test_sigterm_to_process_group_checkpoints_and_resumes_exactly(phantom_store,
                  SIGNAL_TEST_MARK=str(mark), SIGNAL_TEST_AT="8")  # epoch 2, batch 2 of 6
     wait_for(mark, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # the main process and both workers
+    Path(str(mark) + ".sent").touch()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert err.count("SIGTERM received") == 1, err
@@ -113,6 +118,7 @@ def test_killed_worker_is_one_line(phantom_store, tmp_path):
     workers = subprocess.run(["pgrep", "-P", str(main_pid)], capture_output=True, text=True)
     victim = int(workers.stdout.split()[0])
     os.kill(victim, signal.SIGKILL)
+    Path(str(mark) + ".sent").touch()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "Traceback" not in err, err
