@@ -288,28 +288,17 @@ class TrainStep:
         return engine
 
 
-def create_trainer(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    *,
-    device: str | torch.device = "cpu",
-    clip_grad_norm: float | None = None,
-    amp: bool = False,
-    prepare_batch: Callable | None = None,
-    nan_policy: str = "stop",
-    check_every: int | None = None,
-) -> TrainerEngine:
-    """Engine that trains ``model`` with ``loss_fn`` on each batch (options: see `TrainStep`).
+def create_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                   **options) -> TrainerEngine:
+    """Engine that trains ``model`` with ``loss_fn`` on each batch; ``options`` are
+    `TrainStep`'s (``device``, ``clip_grad_norm``, ``amp``, ``prepare_batch``, ``nan_policy``,
+    ``check_every``).
 
     To reach the step's ``scaler`` and epoch ``mean`` (e.g. to checkpoint them), build it
     yourself: ``step = TrainStep(model, optimizer, loss_fn, ...)``, then
     ``trainer = step.create_engine()``.
     """
-    step = TrainStep(model, optimizer, loss_fn, device=device, clip_grad_norm=clip_grad_norm,
-                     amp=amp, prepare_batch=prepare_batch, nan_policy=nan_policy,
-                     check_every=check_every)
-    return step.create_engine()
+    return TrainStep(model, optimizer, loss_fn, **options).create_engine()
 
 
 def create_evaluator(
