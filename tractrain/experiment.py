@@ -263,7 +263,7 @@ def read_best_model(exp_dir: str | os.PathLike) -> tuple[dict, dict | None]:
         text = (folder / CONFIG_FILE).read_bytes().decode("utf-8")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable model config ({err})") from None
-    config = load_mapping(text, str(folder / CONFIG_FILE))
+    config = None if text.strip() == "null" else load_mapping(text, str(folder / CONFIG_FILE))
     return weights, config
 
 
