@@ -17,7 +17,7 @@ $(STAMP): setup.py setup.cfg
 venv: $(STAMP)
 
 demo: venv
-	$(PY) -m tractrain.bin.train --force  # the demo starts over each time
+	$(PY) -P -m tractrain.bin.train --force  # the demo starts over each time
 
 test: venv
 	$(VENV)/bin/ruff check .

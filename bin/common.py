@@ -11,8 +11,10 @@ through `run`::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
+import logging
 import os
 import re
 import sys
@@ -91,6 +93,32 @@ def worker_death(error: BaseException) -> str | None:
             "--num-workers, a smaller --batch-size or --cache-gb, or more memory")
 
 
+class _DebugRelay(logging.Handler):
+    """Re-log a record of another library on the ``tractrain`` logger at DEBUG."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("tractrain").debug("%s: %s", record.name, record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_ignite(debug: bool):
+    """Route ignite's own log lines ("Engine run is terminating due to exception ...") to the
+    ``tractrain`` logger at DEBUG, so an error is reported once, by `run`; unchanged with
+    ``--debug``."""
+    logger = logging.getLogger("ignite")
+    if debug:
+        yield
+        return
+    relay, propagate = _DebugRelay(), logger.propagate
+    logger.addHandler(relay)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(relay)
+        logger.propagate = propagate
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename is not None:
         return f"{error.filename}: {error.strerror.lower()}"
@@ -113,7 +141,8 @@ def run(
     """
     prog = prog or _last_prog or os.path.basename(sys.argv[0]) or "tractrain"
     try:
-        status = main(args)
+        with quiet_ignite(bool(getattr(args, "debug", False))):
+            status = main(args)
     except (TractrainError, FileNotFoundError, FileExistsError, PermissionError,
             NotADirectoryError, IsADirectoryError) as e:
         if getattr(args, "debug", False):

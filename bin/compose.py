@@ -6,7 +6,6 @@ samplers and loaders, import the user's model and loss, then call `train_and_val
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 from pathlib import Path
@@ -15,11 +14,12 @@ import numpy as np
 import torch
 
 from tractrain.atomic import atomic_write_bytes
+from tractrain.bin.common import suggest
 from tractrain.bin.options import DEMO_LOSS
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.dataloader import make_dataloader
-from tractrain.data.interpolation import InputConfig, num_input_features
+from tractrain.data.interpolation import InputConfig, neighborhood_size, num_input_features
 from tractrain.data.packing import SamplerConfig
 from tractrain.data.sampler import BatchSampler
 from tractrain.data.split_index import split_index
@@ -36,26 +36,10 @@ from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir
+from tractrain.imports import import_object
 
 # The demo dataset: 4 phantom subjects (2 train, 1 valid, 1 test), built in a few seconds.
 DEMO_PHANTOM = {"n_subjects": 4, "streamlines_per_subject": 300, "seed": 0}
-
-
-def import_object(spec: str, option: str):
-    """The callable named by ``package.module:name``; one-line ConfigError otherwise."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConfigError(f"--{option} {spec!r}: expected package.module:name")
-    module_name, attr = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"--{option} {spec!r}: cannot import {module_name!r} ({err})") from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise ConfigError(f"--{option} {spec!r}: module {module_name!r} has no {attr!r}")
-    if not callable(obj):
-        raise ConfigError(f"--{option} {spec!r}: {attr!r} is not callable")
-    return obj
 
 
 def default_cache_dir() -> Path:
@@ -93,12 +77,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+METRICS = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm",
+           "unclipped_grad_norm_max", "lr", "epoch_time", "data_wait_share", "batches_per_s")
+GEN_METRICS = ("gen_endpoint_dist", "gen_within", "gen_length")
+MAX_NEIGHBORHOOD_POINTS = 10_000
+
+
 def check_options(config: dict) -> None:
-    """Validate option values that no component checks by itself."""
+    """Validate option values that no component checks by itself (before any training)."""
     if config["max_epochs"] is None or config["max_epochs"] < 1:
         raise ConfigError(f"max_epochs: expected >= 1, got {config['max_epochs']}")
     parse_lr_schedule(config["lr"])
     lr_for_epoch(config["lr"], 1)
+    known = METRICS + (GEN_METRICS if config.get("gen_every") else ())
+    monitor = config.get("monitor")
+    if monitor is not None and monitor not in known:
+        raise ConfigError(f"--monitor {monitor!r}: not a logged metric; expected one of "
+                          f"{', '.join(known)}{suggest(monitor, known)}")
+    points = neighborhood_size(input_config(config))
+    if points > MAX_NEIGHBORHOOD_POINTS:
+        raise ConfigError(
+            f"--neighborhood {config.get('neighborhood')} --radius-mm {config.get('radius_mm')} "
+            f"--resolution-mm {config.get('resolution_mm')}: {points} points per streamline "
+            f"point (limit {MAX_NEIGHBORHOOD_POINTS}); use a smaller radius or a coarser "
+            "resolution")
 
 
 def run_training(config: dict, exp_dir: Path, resume: bool = False):

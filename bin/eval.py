@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.resume import add_trust_flags, trusted_code
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, read_best_epoch, read_config
 
@@ -46,6 +47,7 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--num-workers", dest="num_workers", type=int, default=0, metavar="N",
                         help="DataLoader workers (does not change the batches; default: 0)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    add_trust_flags(parser, loss=True)
     return parser
 
 
@@ -56,7 +58,7 @@ def weights_epoch(exp_dir: Path, which: str) -> int | None:
         return None if best is None else int(best["epoch"])
     from tractrain.hooks.checkpoint import read_meta
 
-    return read_meta(exp_dir).get("epoch")
+    return read_meta(exp_dir, repair=False).get("epoch")
 
 
 def generation_scores(model, store, config: dict, split: str, n: int, device) -> dict | None:
@@ -78,16 +80,19 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
     from tractrain.bin.compose import (
         device_inputs,
         eval_loader,
-        import_object,
         open_run_store,
         resolve_device,
     )
+    from tractrain.bin.track import recorded_factory
     from tractrain.data.split_index import split_index
     from tractrain.engine.evaluate import evaluate, subject_index
     from tractrain.engine.reuse import load_model
+    from tractrain.imports import import_object
 
     exp_dir = Path(args.experiment)
     config = {**read_config(exp_dir), "num_workers": args.num_workers}
+    config = trusted_code(args, config, str(ExperimentDir(exp_dir).config), ("loss",))
+    factory = recorded_factory(args, exp_dir)
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers {args.num_workers}: expected >= 0")
     store = open_run_store({**config, "store": args.store or config.get("store")})
@@ -100,7 +105,7 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--split {args.split}: {store.path} has no {args.split} subjects "
                           f"(non-empty splits: {', '.join(have) or 'none'})")
     device = resolve_device(args.device)
-    model = load_model(exp_dir, args.which, device)
+    model = load_model(exp_dir, args.which, device, factory=factory, trust=True)
     loss_fn = import_object(config["loss"], "loss")
     prepare = device_inputs(store, config)
     index = split_index(store, args.split, group)

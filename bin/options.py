@@ -7,10 +7,12 @@ a file is ``--batch-size`` on the command line); flags win over the file.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from tractrain.bin.common import suggest
+from tractrain.documents import load_mapping
 from tractrain.errors import ConfigError
 
 DEMO_MODEL = "tractrain.examples.next_direction:make_model"
@@ -91,6 +93,25 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
 }
 
+# name: (lowest, highest, lowest excluded): checked at parse time for numeric options.
+BIG = 10**9
+LIMITS: dict[str, tuple[float, float, bool]] = {
+    "seed": (0, 2**63 - 1, False), "torch_seed": (0, 2**63 - 1, False),
+    "max_epochs": (1, BIG, False), "batch_size": (0, 1e12, True),
+    "subjects_per_batch": (1, BIG, False), "cycles": (1, BIG, False),
+    "max_batches_train": (1, BIG, False), "max_batches_valid": (1, BIG, False),
+    "step_size": (0, 1e4, True), "compress": (0, 1e4, True),
+    "split_ratio": (0, 1, False), "reverse_ratio": (0, 1, False),
+    "noise_mm": (0, 1e4, False), "noise_truncation": (0, 1e4, True),
+    "radius_mm": (0, 1e4, False), "resolution_mm": (0, 1e4, True),
+    "num_workers": (0, 1024, False), "cache_gb": (0, 1e6, False),
+    "weight_decay": (0, 1e6, False), "clip_grad_norm": (0, 1e12, True),
+    "patience": (1, BIG, False), "min_delta": (0, 1e12, False),
+    "gen_every": (1, BIG, False), "gen_streamlines": (1, 10**7, False),
+    "gen_within_mm": (0, 1e4, True), "nproc_per_node": (1, 1024, False),
+    "checkpoint_every": (1, BIG, False),
+}
+
 SECTIONS = {
     "experiment": ("name", "experiments", "store", "group", "cache_dir", "model", "loss",
                    "model_config", "seed", "torch_seed", "max_epochs"),
@@ -134,23 +155,33 @@ def convert(name: str, value: Any, where: str) -> Any:
         return None
     if kind is None:
         if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: {name}: not valid JSON ({err.msg})") from None
+            return load_mapping(value, f"{where}: {name}")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
         return value
     try:
         if kind is bool:
             return value if isinstance(value, bool) else parse_bool(value)
+        if kind in (int, float) and isinstance(value, bool):  # YAML's yes/no/on/off
+            raise ValueError(f"expected a number, got {value!r}")
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"expected an integer, got {value}")
         if isinstance(value, str) and kind is str and value.strip().lower() in ("none", "null"):
             return None if default is None else value
-        return kind(value)
-    except (TypeError, ValueError) as err:
+        return check_range(name, kind(value))
+    except (TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"{where}: {name}: {err}") from None
+
+
+def check_range(name: str, value: Any) -> Any:
+    """``value`` if it is within option ``name``'s `LIMITS` (ValueError otherwise)."""
+    if name not in LIMITS:
+        return value
+    low, high, open_low = LIMITS[name]
+    if not math.isfinite(value) or value > high or value < low or (open_low and value == low):
+        sign = ">" if open_low else ">="
+        raise ValueError(f"expected a number {sign} {low:g} and <= {high:g}, got {value}")
+    return value
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -162,21 +193,7 @@ def read_config_file(path: str | Path) -> dict:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as err:  # json and yaml raise different types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'} "
-                          f"({first})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    data = load_mapping(text, str(path), yaml=path.suffix.lower() != ".json")
     flat: dict = {}
     for key, value in data.items():
         if key in SECTIONS and isinstance(value, dict):

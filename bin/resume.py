@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tractrain.atomic import atomic_write_bytes, atomic_write_json
+from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import convert
-from tractrain.errors import CheckpointError
 from tractrain.experiment import ExperimentDir, read_config
+from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
 
@@ -32,29 +32,71 @@ def make_parser() -> ArgumentParser:
                         help="DataLoader workers (does not change the batches)")
     parser.add_argument("--device", metavar="DEV", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--progress", metavar="BOOL", help="progress bars on/off")
+    add_trust_flags(parser, loss=True)
     return parser
 
 
+def add_trust_flags(parser: ArgumentParser, loss: bool) -> None:
+    """``--model``, ``--loss`` and ``--trust-experiment``: what code an experiment may run."""
+    parser.add_argument("--model", metavar="PKG.MOD:NAME", default=None,
+                        help="model factory to use instead of the one recorded in the "
+                        "experiment (needed when that one is not tractrain's own)")
+    if loss:
+        parser.add_argument("--loss", metavar="PKG.MOD:NAME", default=None,
+                            help="loss function to use instead of the one recorded in the "
+                            "experiment (needed when that one is not tractrain's own)")
+    parser.add_argument("--trust-experiment", dest="trust_experiment", action="store_true",
+                        help="import and run the model/loss code the experiment folder names "
+                        "(only for folders you trust: importing runs code)")
+
+
+def trusted_code(args: argparse.Namespace, config: dict, source: str,
+                 options: tuple[str, ...] = ("model", "loss")) -> dict:
+    """``config`` with ``--model``/``--loss`` applied; refuses (before importing anything) a
+    recorded name that is not tractrain's own, unless ``--trust-experiment``."""
+    config = dict(config)
+    for option in options:
+        given = getattr(args, option, None)
+        if given is not None:
+            config[option] = given
+        else:
+            spec = config.get(option)
+            check_recorded(spec, option, source, args.trust_experiment,
+                           f"pass --{option} {spec} or --trust-experiment")
+    return config
+
+
 def resume(args: argparse.Namespace) -> int:
-    from tractrain.bin.train import train_to_end
+    """Resume under the experiment's writer lock; ``config.json`` is rewritten (with the
+    overrides, for next time) only once a checkpoint of the resumed run exists."""
+    from tractrain.bin.train import train_to_end, writer_lock
     from tractrain.hooks.checkpoint import read_meta
 
     exp_dir = Path(args.experiment)
-    config = read_config(exp_dir)
-    read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
-    for name in OVERRIDES:
-        value = getattr(args, name)
-        if value is not None:
-            config[name] = convert(name, value, "--" + name.replace("_", "-"))
-    config_path = ExperimentDir(exp_dir).config
-    before = config_path.read_bytes()
-    atomic_write_json(config_path, config)  # the extended limits, for next time
+    exp = ExperimentDir(exp_dir)
+    config = read_config(exp_dir)  # refuses a missing folder before taking the lock
+    with writer_lock(exp):
+        config = trusted_code(args, read_config(exp_dir), str(exp.config))
+        read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
+        for name in OVERRIDES:
+            value = getattr(args, name)
+            if value is not None:
+                config[name] = convert(name, value, "--" + name.replace("_", "-"))
+        before = checkpoint_stamp(exp)
+        try:
+            return train_to_end(config, exp_dir, resume=True, debug=args.debug,
+                                prog="tractrain-resume")
+        finally:
+            if checkpoint_stamp(exp) != before:  # the run started and saved: keep its config
+                atomic_write_json(exp.config, config)
+
+
+def checkpoint_stamp(exp: ExperimentDir) -> bytes | None:
+    """The bytes of the checkpoint's ``meta.json`` (changes with every save), or None."""
     try:
-        return train_to_end(config, exp_dir, resume=True, debug=args.debug,
-                            prog="tractrain-resume")
-    except CheckpointError:  # refused before training: keep the folder as it was
-        atomic_write_bytes(config_path, before)
-        raise
+        return (exp.checkpoint / "meta.json").read_bytes()
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.resume import add_trust_flags
 from tractrain.errors import ConfigError
 from tractrain.experiment import read_config
 
@@ -59,6 +60,7 @@ def make_parser() -> ArgumentParser:
                         help="streamline group (reference space, seeds; default: training's)")
     parser.add_argument("--mask-group", dest="mask_group", default=None,
                         help="volume group of the tracking mask (default: non-zero inputs)")
+    add_trust_flags(parser, loss=False)
     return parser
 
 
@@ -122,6 +124,20 @@ def write_tractogram(path: Path, tracks, info: dict) -> None:
     nib.streamlines.save(tractogram, str(path), header=header)
 
 
+def recorded_factory(args: argparse.Namespace, exp_dir: Path) -> str:
+    """The model factory to use: ``--model``, or the one ``best_model/config.json`` records
+    if it is tractrain's own or ``--trust-experiment`` is given (checked, not imported)."""
+    from tractrain.bin.resume import trusted_code
+    from tractrain.experiment import CONFIG_FILE, ExperimentDir, read_best_model
+
+    if args.model is not None:
+        return args.model
+    _, model_config = read_best_model(exp_dir)
+    recorded = {"model": model_config.get("factory") if isinstance(model_config, dict) else None}
+    source = str(ExperimentDir(exp_dir).best_model / CONFIG_FILE)
+    return trusted_code(args, recorded, source, ("model",))["model"]
+
+
 def track_command(args: argparse.Namespace) -> int:
     from tractrain.bin.compose import input_config, resolve_device
     from tractrain.data.store import open_store
@@ -136,6 +152,7 @@ def track_command(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds and --seed-points: expected integers >= 1")
     exp_dir = Path(args.experiment)
     config = read_config(exp_dir)
+    factory = recorded_factory(args, exp_dir)
     store_path = args.store or config.get("store")
     if store_path is None:
         raise ConfigError(f"{exp_dir}: trained on the demo store; pass --store PATH")
@@ -151,7 +168,8 @@ def track_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--subject {args.subject!r}: not in the store (have "
                           f"{', '.join(store.subjects[:8])}{more})")
     device = resolve_device(args.device)
-    model = load_model(exp_dir, "checkpoint" if args.checkpoint else "best", device)
+    model = load_model(exp_dir, "checkpoint" if args.checkpoint else "best", device,
+                       factory=factory, trust=True)
     step_mm = args.step_mm or config.get("step_size") or 1.0
     field = subject_field(store, args.subject, group, input_config(config), device,
                           args.mask_group)

@@ -7,14 +7,16 @@ of `tractrain.examples.next_direction` for a few epochs with validation.
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
+import os
 import sys
 from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
-from tractrain.experiment import ExperimentDir
+from tractrain.errors import ConfigError
+from tractrain.experiment import ExperimentDir, check_name
 
 EXIT_FAILED = 1
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -36,19 +38,44 @@ def make_parser() -> ArgumentParser:
     return parser
 
 
-def prepare_experiment(config: dict, force: bool) -> Path:
-    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one."""
-    exp_dir = Path(config["experiments"]) / config["name"]
+def writer_lock(exp: ExperimentDir):
+    """The experiment's writer lock (a no-op in the other ranks of a torchrun launch)."""
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return exp.lock()
+
+
+def prepare_experiment(config: dict, force: bool):
+    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one.
+
+    Returns ``(folder, lock)``: the folder's writer lock, held until released. ``--force``
+    empties only a tractrain experiment that no other process is writing (never a symbolic
+    link, a foreign folder or anything outside ``--experiments``).
+    """
+    exp_dir = Path(config["experiments"]) / check_name(config["name"])
+    exp = ExperimentDir(exp_dir)
+    if exp_dir.is_symlink():
+        raise ConfigError(f"{exp_dir}: is a symbolic link; choose another --name")
     if exp_dir.exists():
         if not force:
             raise FileExistsError(
                 f"{exp_dir}: experiment exists; continue it with 'tractrain-resume {exp_dir}' "
                 "or start over with --force"
             )
-        shutil.rmtree(exp_dir)
-    exp_dir.mkdir(parents=True)
-    atomic_write_json(ExperimentDir(exp_dir).config, config)
-    return exp_dir
+        why = exp.foreign_entry()
+        if why is not None:
+            raise ConfigError(f"{exp_dir}: not removed by --force: {why}")
+        lock = writer_lock(exp)
+        try:
+            exp.clear()
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+    else:
+        exp_dir.mkdir(parents=True)
+        lock = writer_lock(exp)
+    atomic_write_json(exp.config, config)
+    return exp_dir, lock
 
 
 def finish(trainer, exp_dir: Path) -> int:
@@ -63,8 +90,10 @@ def finish(trainer, exp_dir: Path) -> int:
 
 def preflight(config: dict) -> None:
     """Check what can be checked before creating the experiment folder."""
-    from tractrain.bin.compose import check_options, import_object, resolve_device
+    from tractrain.bin.compose import check_options, resolve_device
+    from tractrain.imports import import_object
 
+    check_name(config["name"])
     check_options(config)
     import_object(config["model"], "model")
     import_object(config["loss"], "loss")
@@ -114,16 +143,19 @@ def train(args: argparse.Namespace) -> int:
     file_options = read_config_file(args.config) if args.config else {}
     config = resolve(file_options, vars(args))
     preflight(config)
-    exp_dir = prepare_experiment(config, args.force)
-    config_path = ExperimentDir(exp_dir).config
-    print(f"experiment: {exp_dir}  (config: {config_path})", flush=True)
-    try:
-        return train_to_end(config, exp_dir, resume=False, debug=args.debug,
-                            prog="tractrain-train")
-    except BaseException:
-        if exp_dir.is_dir() and set(exp_dir.iterdir()) <= {config_path}:
-            shutil.rmtree(exp_dir)  # failed before training started: leave nothing
-        raise
+    exp_dir, lock = prepare_experiment(config, args.force)
+    exp = ExperimentDir(exp_dir)
+    print(f"experiment: {exp_dir}  (config: {exp.config})", flush=True)
+    with lock:
+        try:
+            return train_to_end(config, exp_dir, resume=False, debug=args.debug,
+                                prog="tractrain-train")
+        except BaseException:
+            if {p.name for p in exp_dir.iterdir()} <= {exp.config.name, exp.lock_file.name}:
+                exp.config.unlink()  # failed before training started: leave nothing
+                lock.__exit__(None, None, None)
+                exp_dir.rmdir()
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:

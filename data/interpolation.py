@@ -255,11 +255,22 @@ def _interpolate_block(flat, points, shape, outside, corner_major, buffer, out) 
         out.addcmul_(gathered[k], weights[k].unsqueeze(1))
 
 
+def neighborhood_size(config: InputConfig) -> int:
+    """Points sampled per streamline point (the centre included), computed without building
+    the offsets: 1, ``1 + 6n`` (axes) or ``(2n + 1)^3`` (grid)."""
+    n = config.steps
+    if config.neighborhood == "axes":
+        return 1 + 6 * n
+    if config.neighborhood == "grid":
+        return (2 * n + 1) ** 3
+    return 1
+
+
 def num_input_features(
     n_features: int, config: InputConfig, voxel_sizes: Sequence[float] | torch.Tensor
 ) -> int:
     """Width of :func:`interpolate_inputs`' output: ``n_features`` times the number of points."""
-    return int(n_features) * int(neighborhood_offsets(config, voxel_sizes).shape[0])
+    return int(n_features) * neighborhood_size(config)
 
 
 def interpolate_inputs(

@@ -19,7 +19,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from tractrain.atomic import atomic_write_dir, repair_dir, write_file
+from tractrain.atomic import atomic_write_dir, is_complete, repair_dir, swap_candidates, write_file
 from tractrain.errors import CheckpointError
 from tractrain.experiment import CONFIG_FILE, LOGS_DIR, ExperimentDir, load_weights
 
@@ -123,13 +123,19 @@ def _version() -> str:
     return __version__
 
 
-def read_meta(path) -> dict:
-    """``meta.json`` of the checkpoint folder ``path`` (``<exp>`` or ``<exp>/checkpoint``)."""
+def read_meta(path, repair: bool = True) -> dict:
+    """``meta.json`` of the checkpoint folder ``path`` (``<exp>`` or ``<exp>/checkpoint``).
+
+    ``repair`` (writers) finishes a swap a crash interrupted; without it (readers, which
+    hold no lock) nothing is changed and the complete copy is read wherever it is."""
     folder = Path(path)
     inner = ExperimentDir(folder).checkpoint
     if inner.is_dir() or not (folder / "meta.json").exists():
-        repair_dir(inner)
-        folder = inner if inner.is_dir() else folder
+        if repair:
+            repair_dir(inner)
+        fallback = inner if inner.is_dir() else folder
+        folder = fallback if repair else next(
+            (c for c in swap_candidates(inner) if is_complete(c)), fallback)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a tractrain checkpoint (no {inner.name}/meta.json)")
@@ -147,11 +153,22 @@ def read_meta(path) -> dict:
     return meta
 
 
-def load_checkpoint(path) -> tuple[dict, dict]:
-    """``(meta, states)`` of a checkpoint; refuses anything but plain tensors and values."""
-    meta = read_meta(path)
-    states = load_weights(Path(meta["folder"]) / "state.pt", "checkpoint")
-    return meta, states
+def load_checkpoint(path, repair: bool = True) -> tuple[dict, dict]:
+    """``(meta, states)`` of a checkpoint; refuses anything but plain tensors and values.
+
+    Without ``repair`` (a reader while a run may be writing) a copy swapped out while it was
+    being read is read again, so meta and states always come from one complete save."""
+    for attempt in range(5):
+        meta = read_meta(path, repair)
+        try:
+            states = load_weights(Path(meta["folder"]) / "state.pt", "checkpoint")
+        except CheckpointError:
+            if repair or attempt == 4:
+                raise
+            continue
+        if repair or read_meta(path, repair) == meta:
+            return meta, states
+    raise CheckpointError(f"{path}: the checkpoint kept changing while it was read; try again")
 
 
 def check_model_state(model: torch.nn.Module, state: dict, where: str) -> None:

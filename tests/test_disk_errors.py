@@ -110,3 +110,22 @@ def test_os_error_names_the_file_when_the_os_does_not(tmp_path, monkeypatch):
     assert info.value.filename == str(folder)
     assert (folder / "state.pt").read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "table.csv"]
+
+
+@pytest.mark.parametrize("spec", ["write:state.pt=ENOSPC", "write:model.pt=EFBIG"])
+def test_a_real_process_prints_only_the_one_line(one_epoch, tmp_path, spec):
+    """Only tractrain's line: ignite's own "Engine run is terminating due to exception"
+    lines go to the tractrain logger at DEBUG (pytest's log capture hides them in-process)."""
+    import os
+    import subprocess
+    import sys
+
+    exp = tmp_path / "exp"
+    shutil.copytree(one_epoch, exp)
+    done = subprocess.run([sys.executable, "-m", "tractrain.bin.resume", str(exp),
+                           "--max-epochs", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, FAULT_ENV: spec})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tractrain-resume: error: "), done.stderr
+    assert spec.rpartition("=")[2] in lines[0]

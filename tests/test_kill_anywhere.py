@@ -160,7 +160,7 @@ def test_kill_at_chosen_moments_then_resume_is_exact(phantom_store, tmp_path):
     ref = reference_run(store, tmp_path / "ref", epochs)
     exp = tmp_path / "exps" / "run"
     train = ["tractrain.bin.train", *train_args(store, tmp_path / "exps", epochs)]
-    resume = ["tractrain.bin.resume", str(exp)]
+    resume = ["tractrain.bin.resume", str(exp), "--trust-experiment"]  # its test loss
     moments = [  # (command, switch); each resume restarts from the last complete checkpoint
         (train, {FAULT_ENV: "write:model.pt"}),  # epoch 1 best model: model.pt half-written
         (resume, {"KILL_TEST_AT": "train:4"}),  # mid epoch 2, its checkpoint not yet written
@@ -185,7 +185,7 @@ def test_random_kills_then_resume_is_exact(phantom_store, tmp_path):
     ref = reference_run(store, tmp_path / "ref", epochs)
     exp = tmp_path / "exps" / "run"
     train = ["tractrain.bin.train", *train_args(store, tmp_path / "exps", epochs)]
-    resume = ["tractrain.bin.resume", str(exp)]
+    resume = ["tractrain.bin.resume", str(exp), "--trust-experiment"]  # its test loss
     events = ["checkpoint:written", "checkpoint:complete", "checkpoint:swap",
               "best_model:written", "best_model:complete", "best_model:swap",
               "write:state.pt", "write:model.pt", "write:meta.json", "write:train_loss.npy",

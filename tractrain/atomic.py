@@ -1,7 +1,9 @@
 """Crash-safe writes: a file or a whole folder appears complete or not at all.
 
 Folders are written as ``<name>.new``, fsynced, marked complete, then swapped in by rename:
-``<name>`` -> ``<name>.old``, ``<name>.new`` -> ``<name>``, ``<name>.old`` removed.
+``<name>`` -> ``<name>.old``, ``<name>.new`` -> ``<name>``, ``<name>.old`` removed. When
+``<name>`` is a symbolic link (checkpoints on another disk) the swap happens beside the
+folder it points to, and the link is kept.
 `repair_dir` finishes or rolls back a swap that a crash interrupted. A write that fails (disk
 full, I/O error) raises an `OSError` whose ``filename`` is the file or folder being written.
 
@@ -110,6 +112,19 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def swap_target(target: str | os.PathLike) -> Path:
+    """The folder a swap of ``target`` replaces: ``target``, or where it links to."""
+    target = Path(target)
+    return target.resolve() if target.is_symlink() else target
+
+
+def swap_candidates(target: str | os.PathLike) -> list[Path]:
+    """``[<name>, <name>.new, <name>.old]`` of ``target``'s swap: where a reader finds the
+    complete copy (at least one is complete at any moment once it was first written)."""
+    real = swap_target(target)
+    return [real, real.with_name(real.name + ".new"), real.with_name(real.name + ".old")]
+
+
 def is_complete(folder: Path) -> bool:
     """True if ``folder`` was fully written by `atomic_write_dir`."""
     return (folder / COMPLETE_MARKER).is_file()
@@ -121,8 +136,7 @@ def repair_dir(target: str | os.PathLike) -> None:
     Keeps a complete ``.new`` when ``target`` is gone (crash between the two renames),
     otherwise keeps ``target``; incomplete leftovers are removed.
     """
-    target = Path(target)
-    new, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
+    target, new, old = swap_candidates(target)
     if not target.exists():
         if new.exists() and is_complete(new):
             os.replace(new, target)
@@ -142,7 +156,7 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
     partial folder is removed before the exception propagates.
     """
     target = Path(target)
-    new, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
+    real, new, old = swap_candidates(target)
     try:
         repair_dir(target)
         new.mkdir(parents=True)
@@ -155,11 +169,11 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
-        if target.exists():
-            os.replace(target, old)
+        if real.exists():
+            os.replace(real, old)
             fault_point(f"{target.name}:swap")
-        os.replace(new, target)
-        fsync_dir(target.parent)
+        os.replace(new, real)
+        fsync_dir(real.parent)
         if old.exists():
             shutil.rmtree(old)
     except OSError as err:

@@ -15,3 +15,7 @@ class ConfigError(TractrainError):
 
 class CheckpointError(TractrainError):
     """A checkpoint or best model cannot be loaded or resumed from."""
+
+
+class ExperimentBusyError(TractrainError):
+    """Another process is writing the experiment (it holds the experiment's lock)."""

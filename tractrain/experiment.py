@@ -10,6 +10,7 @@ Layout of ``<exp>/`` (written by `tractrain-train`'s hooks)::
     logs/<metric>.npy   one value per epoch; logs/logs.csv the same table; logs/plot.png
     comet/              offline Comet archives
     eval/<split>.json   `tractrain-eval` results (loss per subject and overall); also .csv
+    .lock               held (``flock``) by the one process writing the experiment; holds its pid
 
 Every hook and command takes its paths from `ExperimentDir`; every weights file is read by
 `load_weights` (``torch.load(weights_only=True)``: plain tensors and values only).
@@ -17,16 +18,21 @@ Every hook and command takes its paths from `ExperimentDir`; every weights file 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import pickle
+import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tractrain.atomic import is_complete
-from tractrain.errors import CheckpointError, ConfigError
+from tractrain.atomic import is_complete, swap_candidates
+from tractrain.documents import load_mapping
+from tractrain.errors import CheckpointError, ConfigError, ExperimentBusyError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,6 +47,29 @@ CSV_FILE = "logs.csv"
 PLOT_FILE = "plot.png"
 COMET_DIR = "comet"
 EVAL_DIR = "eval"
+LOCK_FILE = ".lock"
+LAYOUT = (CONFIG_FILE, CHECKPOINT_DIR, BEST_MODEL_DIR, BEST_EPOCH_FILE, LOGS_DIR, COMET_DIR,
+          EVAL_DIR, LOCK_FILE)
+MAX_NAME_LENGTH = 200
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def check_name(name: object, option: str = "--name") -> str:
+    """``name`` if it is a plain experiment folder name: non-empty, at most 200 characters,
+    no path separator or control character, not starting with ``.`` or ``-``."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH \
+            or _BAD_NAME.search(name) or name[0] in ".-":
+        shown = name[:40] + "..." if isinstance(name, str) and len(name) > 40 else name
+        raise ConfigError(f"{option} {shown!r}: expected a plain folder name (1 to "
+                          f"{MAX_NAME_LENGTH} characters, no '/', '\\' or control characters, "
+                          "not starting with '.' or '-')")
+    return name
+
+
+def _layout_entry(name: str) -> bool:
+    """True for the names tractrain writes in an experiment folder (and its swap debris)."""
+    base = name[:-4] if name.endswith((".new", ".old")) else name
+    return base in LAYOUT or (name.startswith(".") and ".tmp-" in name)
 
 
 @dataclass(frozen=True)
@@ -94,6 +123,93 @@ class ExperimentDir:
     def eval(self) -> Path:
         return self.root / EVAL_DIR
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def foreign_entry(self) -> str | None:
+        """Why ``root`` is not a tractrain experiment (None if it is): a real folder (not a
+        symlink) with a ``config.json`` mapping and nothing but tractrain's own entries."""
+        if self.root.is_symlink() or not self.root.is_dir():
+            return "not a folder (or a symbolic link)"
+        try:
+            config = json.loads(self.config.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return f"no readable {CONFIG_FILE}"
+        if not isinstance(config, dict) or "model" not in config:
+            return f"{CONFIG_FILE} is not a tractrain config"
+        unknown = sorted(p.name for p in self.root.iterdir() if not _layout_entry(p.name))
+        return f"holds {unknown[0]!r}, which tractrain did not write" if unknown else None
+
+    def clear(self) -> None:
+        """Remove everything tractrain wrote here but the lock file (for ``--force``); refuses
+        a folder that is not a tractrain experiment. Symbolic links are removed, never
+        followed."""
+        why = self.foreign_entry()
+        if why is not None:
+            raise ConfigError(f"{self.root}: not removed by --force: {why}")
+        for entry in sorted(self.root.iterdir()):
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def lock(self) -> ExperimentLock:
+        """Take the experiment's exclusive writer lock (`ExperimentLock`)."""
+        return ExperimentLock(self.lock_file)
+
+
+class ExperimentLock:
+    """An exclusive ``flock`` on ``<exp>/.lock`` naming its holder's pid.
+
+    Released by `release` (the file is then removed) or by the kernel when the process dies,
+    so a killed run never leaves a stale lock. A second writer gets a one-line
+    `ExperimentBusyError` naming the holder's pid. Usable as a context manager.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        while self.fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ExperimentBusyError(
+                    f"{path.parent}: in use by another tractrain process (pid {holder}); "
+                    "wait for it to finish or stop it first") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file as we opened it: retry
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self) -> ExperimentLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def load_weights(path: str | os.PathLike, what: str) -> dict:
     """The dict saved at ``path`` by ``torch.save``, on the CPU, loaded with
@@ -126,9 +242,10 @@ def read_config(exp_dir: str | os.PathLike) -> dict:
     if not exp.config.is_file():
         raise CheckpointError(f"{exp}: not a tractrain experiment (no {CONFIG_FILE})")
     try:
-        return json.loads(exp.config.read_bytes().decode("utf-8"))
-    except ValueError:  # not UTF-8 or not JSON
+        text = exp.config.read_bytes().decode("utf-8")
+    except ValueError:  # not UTF-8
         raise CheckpointError(f"{exp.config}: unreadable (not UTF-8 JSON)") from None
+    return load_mapping(text, str(exp.config))
 
 
 def read_best_model(exp_dir: str | os.PathLike) -> tuple[dict, dict | None]:
@@ -138,15 +255,15 @@ def read_best_model(exp_dir: str | os.PathLike) -> tuple[dict, dict | None]:
     (``best_model.new`` or ``best_model.old``) is read instead.
     """
     base = ExperimentDir(exp_dir).best_model
-    candidates = [base, base.with_name(base.name + ".new"), base.with_name(base.name + ".old")]
-    folder = next((c for c in candidates if is_complete(c)), None)
+    folder = next((c for c in swap_candidates(base) if is_complete(c)), None)
     if folder is None:
         raise CheckpointError(f"{base}: no complete best model (expected {MODEL_FILE} there)")
     weights = load_weights(folder / MODEL_FILE, "best model")
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        text = (folder / CONFIG_FILE).read_bytes().decode("utf-8")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable model config ({err})") from None
+    config = None if text.strip() == "null" else load_mapping(text, str(folder / CONFIG_FILE))
     return weights, config
 
 
