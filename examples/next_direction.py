@@ -24,11 +24,7 @@ from tractrain.errors import ConfigError
 
 
 class NextDirectionGRU(torch.nn.Module):
-    """GRU over [features at point t, previous direction] -> direction from t to t + 1.
-
-    The head predicts a correction to the previous direction (zero at a streamline's first
-    step), so the untrained model already "continues straight" and training learns the
-    turns."""
+    """GRU over [features at point t, previous direction] -> direction from t to t + 1."""
 
     def __init__(self, n_inputs: int, hidden_size: int = 64, num_layers: int = 1,
                  dropout: float = 0.0) -> None:
@@ -44,8 +40,7 @@ class NextDirectionGRU(torch.nn.Module):
                                       batch_first=True, enforce_sorted=False)
         hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True)  # (B, Lmax, H)
         valid = torch.arange(hidden.shape[1]) < lengths[:, None]  # drop the padding
-        previous = torch.cat(steps)[:, -3:]  # streamline by streamline, in order
-        return previous + self.head(hidden[valid.to(hidden.device)])
+        return self.head(hidden[valid.to(hidden.device)])  # streamline by streamline, in order
 
     # -- generation contract (tractrain.generation.tracker) ----------------------------------------
     def init_state(self, n: int, device: torch.device | str) -> torch.Tensor:
@@ -58,8 +53,7 @@ class NextDirectionGRU(torch.nn.Module):
         direction (n, 3), no stop signal, new state). The state keeps the streamline first."""
         x = torch.cat([inputs, prev_dir], dim=1).unsqueeze(1)  # (n, 1, F + 3)
         out, hidden = self.gru(x, state.transpose(0, 1).contiguous())
-        direction = F.normalize(prev_dir + self.head(out[:, 0]), dim=1)
-        return direction, None, hidden.transpose(0, 1)
+        return F.normalize(self.head(out[:, 0]), dim=1), None, hidden.transpose(0, 1)
 
 
 def make_model(config: dict) -> torch.nn.Module:
