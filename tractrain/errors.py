@@ -15,3 +15,7 @@ class ConfigError(TractrainError):
 
 class CheckpointError(TractrainError):
     """A checkpoint or best model cannot be loaded or resumed from."""
+
+
+class LossContractError(ConfigError):
+    """``loss_fn(model, batch)`` did not return ``(mean_loss, n)`` as the engine needs it."""
