@@ -6,16 +6,21 @@ samplers and loaders, import the user's model and loss, then call `train_and_val
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import io
+import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tractrain.atomic import atomic_write_bytes
-from tractrain.bin.options import DEMO_LOSS
+from tractrain.bin.options import DEMO_LOSS, DEMO_MODEL, DEMO_MODEL_CONFIG
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.dataloader import make_dataloader
@@ -34,6 +39,7 @@ from tractrain.data.valid_sample import (
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
+from tractrain.engine.rng import seed_everything
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir
 
@@ -42,20 +48,60 @@ DEMO_PHANTOM = {"n_subjects": 4, "streamlines_per_subject": 300, "seed": 0}
 
 
 def import_object(spec: str, option: str):
-    """The callable named by ``package.module:name``; one-line ConfigError otherwise."""
+    """The callable named by ``package.module:name`` or ``path/to/file.py:name`` (the file
+    loaded by path under a module name of its own); one-line ConfigError otherwise."""
     if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConfigError(f"--{option} {spec!r}: expected package.module:name")
+        raise ConfigError(f"--{option} {spec!r}: expected package.module:name or "
+                          "path/to/file.py:name")
     module_name, attr = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"--{option} {spec!r}: cannot import {module_name!r} ({err})") from None
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        module = import_file(Path(module_name), f"--{option} {spec!r}")
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"--{option} {spec!r}: cannot import {module_name!r} ({err})"
+                              f"{_import_hint(err, module_name)}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise ConfigError(f"--{option} {spec!r}: module {module_name!r} has no {attr!r}")
     if not callable(obj):
         raise ConfigError(f"--{option} {spec!r}: {attr!r} is not callable")
     return obj
+
+
+def _import_hint(err: ImportError, module_name: str) -> str:
+    """How to make ``module_name`` importable, when it is the module itself that is missing."""
+    missing = getattr(err, "name", None)
+    if not missing or not (module_name + ".").startswith(missing + "."):
+        return ""
+    return ("; running from the folder that holds it is not enough: add that folder to "
+            "PYTHONPATH (PYTHONPATH=/path/to/folder tractrain-train ...), install your package "
+            "(pip install -e .), or give the file: path/to/file.py:name")
+
+
+def import_file(path: Path, where: str):
+    """The module of the Python file ``path``, loaded once per resolved path (as
+    ``tractrain_user_<stem>_<hash>``, kept in ``sys.modules``)."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file {path}")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"tractrain_user_{stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{where}: {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def default_cache_dir() -> Path:
@@ -104,6 +150,8 @@ def check_options(config: dict) -> None:
 def run_training(config: dict, exp_dir: Path, resume: bool = False):
     """Build everything from ``config`` and train (or resume) in ``exp_dir``."""
     check_options(config)
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors: one line, by run
+    seed_everything(config["seed"])  # before anything draws, the model's factory included
     model_factory = import_object(config["model"], "model")
     loss_fn = import_object(config["loss"], "loss")
     store = open_run_store(config)
@@ -132,9 +180,10 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
                                   inputs, store.volume_info(first, inputs.volume_group)
                                   ["voxel_sizes"])
-    model_config = {**(config["model_config"] or {}), "n_inputs": n_inputs}
+    model_config = {**factory_config(config), "n_inputs": n_inputs}
     device = resolve_device(config["device"])
-    torch.manual_seed(config["torch_seed"])
+    if config.get("torch_seed") is not None:
+        torch.manual_seed(config["torch_seed"])
     model = model_factory(model_config)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"--model {config['model']!r}: returned {type(model).__name__}, "
@@ -165,6 +214,13 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
 
         trainer.state.baselines = baselines(valid_loader)  # same points as valid_loss
     return trainer
+
+
+def factory_config(config: dict) -> dict:
+    """The ``model_config`` given, else the demo's default for the demo model, else ``{}``."""
+    if config["model_config"] is not None:
+        return dict(config["model_config"])
+    return dict(DEMO_MODEL_CONFIG) if config["model"] == DEMO_MODEL else {}
 
 
 def validation_index(store, group: str, config: dict):
@@ -272,9 +328,12 @@ def write_plot(exp_dir: Path) -> Path | None:
 
 
 def summary(trainer, exp_dir: Path, plot: Path | None) -> str:
-    metrics = trainer.state.metrics
-    lines = [f"done: {trainer.state.epoch} epochs, train_loss {metrics.get('train_loss', 0):.4f}"
-             + (f", valid_loss {metrics['valid_loss']:.4f}" if "valid_loss" in metrics else "")]
+    metrics, state = trainer.state.metrics, trainer.state
+    stopped = getattr(state, "stopped_by_signal", None)
+    first = (f"stopped by {stopped} in epoch {state.epoch}, iteration {state.iteration}"
+             if stopped else f"done: {state.epoch} epochs")
+    lines = [first + "".join(f", {k} {metrics[k]:.4f}" for k in ("train_loss", "valid_loss")
+                             if k in metrics)]
     base = getattr(trainer.state, "baselines", None)
     if base and "valid_loss" in metrics:
         lines.append(f"valid, same {base['n']} steps: model {metrics['valid_loss']:.4f} | "

@@ -14,7 +14,7 @@ from pathlib import Path
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
-from tractrain.experiment import ExperimentDir
+from tractrain.experiment import ExperimentDir, has_checkpoint, is_unstarted
 
 EXIT_FAILED = 1
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -37,14 +37,19 @@ def make_parser() -> ArgumentParser:
 
 
 def prepare_experiment(config: dict, force: bool) -> Path:
-    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one."""
+    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one, unless
+    it stopped before its first checkpoint (nothing to lose: it is replaced)."""
     exp_dir = Path(config["experiments"]) / config["name"]
     if exp_dir.exists():
-        if not force:
+        unstarted = exp_dir.is_dir() and is_unstarted(exp_dir)
+        if not force and not unstarted:
             raise FileExistsError(
                 f"{exp_dir}: experiment exists; continue it with 'tractrain-resume {exp_dir}' "
                 "or start over with --force"
             )
+        if unstarted and not force:
+            print(f"{exp_dir}: replaced (its run stopped before its first checkpoint)",
+                  flush=True)
         shutil.rmtree(exp_dir)
     exp_dir.mkdir(parents=True)
     atomic_write_json(ExperimentDir(exp_dir).config, config)
@@ -104,8 +109,12 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
     except NonFiniteError as err:
         if debug:
             raise
-        print(f"{prog}: stopped: {err}; last good checkpoint kept in "
-              f"{ExperimentDir(exp_dir).checkpoint}", file=sys.stderr)
+        if has_checkpoint(exp_dir):
+            print(f"{prog}: stopped: {err}; last good checkpoint kept in "
+                  f"{ExperimentDir(exp_dir).checkpoint}", file=sys.stderr)
+        else:
+            print(f"{prog}: stopped before the first checkpoint: {err}; nothing was saved: fix "
+                  "the cause, then run the same command again", file=sys.stderr)
         return EXIT_FAILED
     return finish(trainer, exp_dir)
 
@@ -117,13 +126,14 @@ def train(args: argparse.Namespace) -> int:
     exp_dir = prepare_experiment(config, args.force)
     config_path = ExperimentDir(exp_dir).config
     print(f"experiment: {exp_dir}  (config: {config_path})", flush=True)
+    status = EXIT_FAILED
     try:
-        return train_to_end(config, exp_dir, resume=False, debug=args.debug,
-                            prog="tractrain-train")
-    except BaseException:
-        if exp_dir.is_dir() and set(exp_dir.iterdir()) <= {config_path}:
-            shutil.rmtree(exp_dir)  # failed before training started: leave nothing
-        raise
+        status = train_to_end(config, exp_dir, resume=False, debug=args.debug,
+                              prog="tractrain-train")
+        return status
+    finally:
+        if status != 0 and exp_dir.is_dir() and is_unstarted(exp_dir):
+            shutil.rmtree(exp_dir)  # failed before the first checkpoint: leave nothing
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,10 @@ def describe(value: object) -> str:
 
 
 def _name(loss_fn: Callable) -> str:
-    module = getattr(loss_fn, "__module__", None)
+    """``name (file:line)`` of a function, else the callable's type name."""
+    code = getattr(loss_fn, "__code__", None)
     name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
-    return f"{module}:{name}" if module else name
+    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
 
 
 def check_loss_result(result: object, loss_fn: Callable, *, training: bool) -> None:
