@@ -7,6 +7,7 @@ samplers and loaders, import the user's model and loss, then call `train_and_val
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from tractrain.atomic import atomic_write_bytes
 from tractrain.bin.common import suggest
-from tractrain.bin.options import DEMO_LOSS
+from tractrain.bin.options import DEMO_LOSS, DEMO_MODEL, DEMO_MODEL_CONFIG
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.dataloader import make_dataloader
@@ -34,6 +35,7 @@ from tractrain.data.valid_sample import (
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
+from tractrain.engine.rng import seed_everything
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir
 from tractrain.imports import import_object
@@ -106,6 +108,8 @@ def check_options(config: dict) -> None:
 def run_training(config: dict, exp_dir: Path, resume: bool = False):
     """Build everything from ``config`` and train (or resume) in ``exp_dir``."""
     check_options(config)
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors: one line, by run
+    seed_everything(config["seed"])  # before anything draws, the model's factory included
     model_factory = import_object(config["model"], "model")
     loss_fn = import_object(config["loss"], "loss")
     store = open_run_store(config)
@@ -134,9 +138,10 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
                                   inputs, store.volume_info(first, inputs.volume_group)
                                   ["voxel_sizes"])
-    model_config = {**(config["model_config"] or {}), "n_inputs": n_inputs}
+    model_config = {**factory_config(config), "n_inputs": n_inputs}
     device = resolve_device(config["device"])
-    torch.manual_seed(config["torch_seed"])
+    if config.get("torch_seed") is not None:
+        torch.manual_seed(config["torch_seed"])
     model = model_factory(model_config)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"--model {config['model']!r}: returned {type(model).__name__}, "
@@ -167,6 +172,13 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
 
         trainer.state.baselines = baselines(valid_loader)  # same points as valid_loss
     return trainer
+
+
+def factory_config(config: dict) -> dict:
+    """The ``model_config`` given, else the demo's default for the demo model, else ``{}``."""
+    if config["model_config"] is not None:
+        return dict(config["model_config"])
+    return dict(DEMO_MODEL_CONFIG) if config["model"] == DEMO_MODEL else {}
 
 
 def validation_index(store, group: str, config: dict):
@@ -274,9 +286,12 @@ def write_plot(exp_dir: Path) -> Path | None:
 
 
 def summary(trainer, exp_dir: Path, plot: Path | None) -> str:
-    metrics = trainer.state.metrics
-    lines = [f"done: {trainer.state.epoch} epochs, train_loss {metrics.get('train_loss', 0):.4f}"
-             + (f", valid_loss {metrics['valid_loss']:.4f}" if "valid_loss" in metrics else "")]
+    metrics, state = trainer.state.metrics, trainer.state
+    stopped = getattr(state, "stopped_by_signal", None)
+    first = (f"stopped by {stopped} in epoch {state.epoch}, iteration {state.iteration}"
+             if stopped else f"done: {state.epoch} epochs")
+    lines = [first + "".join(f", {k} {metrics[k]:.4f}" for k in ("train_loss", "valid_loss")
+                             if k in metrics)]
     base = getattr(trainer.state, "baselines", None)
     if base and "valid_loss" in metrics:
         lines.append(f"valid, same {base['n']} steps: model {metrics['valid_loss']:.4f} | "

@@ -17,6 +17,7 @@ from tractrain.errors import ConfigError
 
 DEMO_MODEL = "tractrain.examples.next_direction:make_model"
 DEMO_LOSS = "tractrain.examples.next_direction:loss_fn"
+DEMO_MODEL_CONFIG = {"hidden_size": 64}  # the demo model's only: a user factory gets {}
 
 # name: (default, type, help). type None = free-form (dict) from the config file only.
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
@@ -27,13 +28,19 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "group": ("bundles", str, "streamline group of the store to train on"),
     "cache_dir": (None, str, "where the demo phantom store is cached "
                              "(default: $XDG_CACHE_HOME/tractrain or ~/.cache/tractrain)"),
-    "model": (DEMO_MODEL, str, "package.module:factory building the model from model_config "
-                               "(n_inputs is added: input features per point)"),
-    "loss": (DEMO_LOSS, str, "package.module:function, loss_fn(model, batch) -> (mean_loss, n)"),
-    "model_config": ({"hidden_size": 64}, None, "dict passed to the model factory (JSON on "
-                                                "the command line)"),
-    "seed": (1234, int, "seed of the samplers and augmentations"),
-    "torch_seed": (0, int, "torch.manual_seed before building the model"),
+    "model": (DEMO_MODEL, str, "package.module:factory or path/to/file.py:factory building the "
+                               "model from model_config (n_inputs is added: input features "
+                               "per point)"),
+    "loss": (DEMO_LOSS, str, "package.module:function or path/to/file.py:function, "
+                             "loss_fn(model, batch) -> (mean_loss: 0-d tensor, n >= 0)"),
+    "model_config": (None, None, "dict passed to the model factory (JSON on the command "
+                                 "line; n_inputs is added); default: "
+                                 f"{json.dumps(DEMO_MODEL_CONFIG)} for the demo model, "
+                                 "{} for yours"),
+    "seed": (1234, int, "seeds everything before the model is built (Python's random, numpy's "
+                        "global RNG, torch on CPU and CUDA) and the samplers and augmentations"),
+    "torch_seed": (None, int, "if given, torch alone is reseeded with it just before the model "
+                              "is built (after --seed): the initial weights then follow it"),
     "max_epochs": (8, int, "number of epochs"),
     # sampler
     "batch_size": (4000.0, float, "batch budget, in batch_units"),

@@ -1,4 +1,5 @@
-"""``tractrain-resume EXPERIMENT``: continue a run exactly where its checkpoint left it."""
+"""``tractrain-resume EXPERIMENT``: continue a run exactly where its checkpoint left it (a run
+that stopped before its first checkpoint starts from scratch with its recorded config)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import convert
-from tractrain.experiment import ExperimentDir, read_config
+from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
@@ -21,7 +22,8 @@ def make_parser() -> ArgumentParser:
         description="Continue training from EXPERIMENT/checkpoint (model, optimizer, sampler "
         "position, RNG and every hook's state are restored, so the result is the same as an "
         "uninterrupted run). A run that reached max_epochs or its patience continues only if "
-        "the limit is raised.",
+        "the limit is raised. A run that stopped before its first checkpoint starts from "
+        "scratch with its recorded config.",
     )
     parser.add_argument("experiment", help="experiment folder written by tractrain-train")
     parser.add_argument("--max-epochs", dest="max_epochs", metavar="N",
@@ -77,14 +79,19 @@ def resume(args: argparse.Namespace) -> int:
     config = read_config(exp_dir)  # refuses a missing folder before taking the lock
     with writer_lock(exp):
         config = trusted_code(args, read_config(exp_dir), str(exp.config))
-        read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
+        from_scratch = is_unstarted(exp_dir)
+        if not from_scratch:
+            read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
         for name in OVERRIDES:
             value = getattr(args, name)
             if value is not None:
                 config[name] = convert(name, value, "--" + name.replace("_", "-"))
         before = checkpoint_stamp(exp)
+        if from_scratch:
+            print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
+                  "starting from scratch with its recorded config", flush=True)
         try:
-            return train_to_end(config, exp_dir, resume=True, debug=args.debug,
+            return train_to_end(config, exp_dir, resume=not from_scratch, debug=args.debug,
                                 prog="tractrain-resume")
         finally:
             if checkpoint_stamp(exp) != before:  # the run started and saved: keep its config

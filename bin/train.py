@@ -16,7 +16,7 @@ from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
 from tractrain.errors import ConfigError
-from tractrain.experiment import ExperimentDir, check_name
+from tractrain.experiment import ExperimentDir, check_name, has_checkpoint, is_unstarted
 
 EXIT_FAILED = 1
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -46,7 +46,8 @@ def writer_lock(exp: ExperimentDir):
 
 
 def prepare_experiment(config: dict, force: bool):
-    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one.
+    """Create ``<experiments>/<name>`` with the resolved config; refuse an existing one, unless
+    its run stopped before its first checkpoint (nothing to lose: it is replaced).
 
     Returns ``(folder, lock)``: the folder's writer lock, held until released. ``--force``
     empties only a tractrain experiment that no other process is writing (never a symbolic
@@ -57,7 +58,8 @@ def prepare_experiment(config: dict, force: bool):
     if exp_dir.is_symlink():
         raise ConfigError(f"{exp_dir}: is a symbolic link; choose another --name")
     if exp_dir.exists():
-        if not force:
+        unstarted = exp_dir.is_dir() and is_unstarted(exp_dir)
+        if not force and not unstarted:
             raise FileExistsError(
                 f"{exp_dir}: experiment exists; continue it with 'tractrain-resume {exp_dir}' "
                 "or start over with --force"
@@ -66,6 +68,9 @@ def prepare_experiment(config: dict, force: bool):
         if why is not None:
             raise ConfigError(f"{exp_dir}: not removed by --force: {why}")
         lock = writer_lock(exp)
+        if unstarted and not force:
+            print(f"{exp_dir}: replaced (its run stopped before its first checkpoint)",
+                  flush=True)
         try:
             exp.clear()
         except BaseException:
@@ -133,8 +138,12 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
     except NonFiniteError as err:
         if debug:
             raise
-        print(f"{prog}: stopped: {err}; last good checkpoint kept in "
-              f"{ExperimentDir(exp_dir).checkpoint}", file=sys.stderr)
+        if has_checkpoint(exp_dir):
+            print(f"{prog}: stopped: {err}; last good checkpoint kept in "
+                  f"{ExperimentDir(exp_dir).checkpoint}", file=sys.stderr)
+        else:
+            print(f"{prog}: stopped before the first checkpoint: {err}; nothing was saved: fix "
+                  "the cause, then run the same command again", file=sys.stderr)
         return EXIT_FAILED
     return finish(trainer, exp_dir)
 
@@ -146,16 +155,18 @@ def train(args: argparse.Namespace) -> int:
     exp_dir, lock = prepare_experiment(config, args.force)
     exp = ExperimentDir(exp_dir)
     print(f"experiment: {exp_dir}  (config: {exp.config})", flush=True)
+    status = EXIT_FAILED
     with lock:
         try:
-            return train_to_end(config, exp_dir, resume=False, debug=args.debug,
-                                prog="tractrain-train")
-        except BaseException:
-            if {p.name for p in exp_dir.iterdir()} <= {exp.config.name, exp.lock_file.name}:
-                exp.config.unlink()  # failed before training started: leave nothing
-                lock.__exit__(None, None, None)
+            status = train_to_end(config, exp_dir, resume=False, debug=args.debug,
+                                  prog="tractrain-train")
+            return status
+        finally:
+            if status != 0 and is_unstarted(exp_dir):  # stopped before its first checkpoint:
+                exp.clear()  # leave nothing, so the same command works again
+                exp.config.unlink(missing_ok=True)
+                lock.release()
                 exp_dir.rmdir()
-            raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tractrain.data.split_index import SplitIndex
+from tractrain.engine.contract import FirstCallChecked
 from tractrain.engine.trainer import LossFn
 
 
@@ -25,7 +26,8 @@ def evaluate(model: torch.nn.Module, loss_fn: LossFn, loader: Iterable, *,
     """``{"loss", "n", "batches"}`` of ``model`` on every batch of ``loader``.
 
     ``loss`` is the n-weighted mean of ``loss_fn(model, batch)`` (NaN if the total weight is
-    0). ``device`` defaults to the model's; ``prepare_batch(batch, device)`` defaults to
+    0); the first batch's result is checked against the loss contract (`LossContractError`).
+    ``device`` defaults to the model's; ``prepare_batch(batch, device)`` defaults to
     ``batch.to(device)``. ``progress``: a tqdm bar on stderr (None: only if it is a terminal).
     The model is left in the mode it was in."""
     if device is None:
@@ -36,12 +38,13 @@ def evaluate(model: torch.nn.Module, loss_fn: LossFn, loader: Iterable, *,
     show = sys.stderr.isatty() if progress is None else bool(progress)
     total = count = 0.0
     batches = 0
+    checked = FirstCallChecked(loss_fn, training=False)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in tqdm(loader, desc=desc, disable=not show, leave=False):
-                loss, n = loss_fn(model, prepare(batch, device))
+                loss, n = checked.call(model, prepare(batch, device))
                 total += float(loss) * float(n)  # the same sums as the validation hook
                 count += float(n)
                 batches += 1

@@ -1,4 +1,5 @@
-"""Capture and restore every global RNG (python, numpy, torch, CUDA) as checkpointable state."""
+"""Seed, capture and restore every global RNG (python, numpy, torch, CUDA): `seed_everything`,
+and `GlobalRNG` as checkpointable state."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ import random
 
 import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global RNG and torch (CPU and every CUDA device) with
+    ``seed``, so that code drawing from any of them (a model's initialisation included) gives
+    the same numbers in every run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device (lazily if CUDA is not started)
+    torch.cuda.manual_seed_all(seed)
 
 
 class GlobalRNG:

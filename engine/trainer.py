@@ -1,10 +1,10 @@
 """The training engine: an ignite `Engine` whose process function is a `TrainStep`.
 
-User contract::
+User contract (checked on the first batch: `tractrain.engine.contract`)::
 
     def loss_fn(model, batch) -> tuple[torch.Tensor, int | torch.Tensor]:
         ...  # forward pass
-        return mean_loss, n  # n weights this batch in the epoch average (e.g. points)
+        return mean_loss, n  # 0-d tensor; n >= 0 weights this batch (e.g. its points)
 
 Each iteration returns ``{"loss", "n", "grad_norm", "unclipped_grad_norm"}`` (detached). At
 EPOCH_COMPLETED the step writes ``train_loss`` (n-weighted mean over the epoch) and ``lr``
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events, State
 
+from tractrain.engine.contract import FirstCallChecked, check_loss_result
 from tractrain.engine.distributed import all_reduce_sum
 from tractrain.errors import ConfigError
 
@@ -199,6 +200,14 @@ class TrainStep:
         self.prepare = prepare_batch or _to_device
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._engine: Engine | None = None
+        self._call_loss: Callable = self._first_loss  # the loss_fn itself after one batch
+
+    def _first_loss(self, model: torch.nn.Module, batch):
+        """``loss_fn`` on the run's first batch, its result checked against the contract."""
+        result = self.loss_fn(model, batch)
+        check_loss_result(result, self.loss_fn, training=True)
+        self._call_loss = self.loss_fn
+        return result
 
     def __call__(self, engine: Engine, batch) -> dict:
         """Train on one batch: forward, backward, finiteness check, clipping, update."""
@@ -206,7 +215,7 @@ class TrainStep:
         batch = self.prepare(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
-            loss, n = self.loss_fn(self.model, batch)
+            loss, n = self._call_loss(self.model, batch)
         if self.amp:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -309,7 +318,8 @@ def create_evaluator(
     prepare_batch: Callable | None = None,
     amp: bool = False,
 ) -> Engine:
-    """Engine computing the n-weighted mean loss in ``eval()`` mode under ``torch.no_grad()``.
+    """Engine computing the n-weighted mean loss in ``eval()`` mode under ``torch.no_grad()``
+    (the first batch's result is checked against the loss contract).
 
     The result is ``evaluator.state.metrics["loss"]`` after ``evaluator.run(loader)``.
     """
@@ -317,11 +327,12 @@ def create_evaluator(
     prepare = prepare_batch or _to_device
     mean = EpochMean()
     mixed_precision = autocast(device, amp)
+    checked = FirstCallChecked(loss_fn, training=False)
 
     def step(engine: Engine, batch) -> dict:
         model.eval()
         with torch.no_grad(), mixed_precision:
-            loss, n = loss_fn(model, prepare(batch, device))
+            loss, n = checked.call(model, prepare(batch, device))
         mean.update(float(loss), float(n))
         return {"loss": loss.detach(), "n": float(n)}
 

@@ -34,6 +34,7 @@ _EXPORTS = {
     "train_and_validate": "tractrain.engine.fit",
     "load_model": "tractrain.engine.reuse",
     "evaluate": "tractrain.engine.evaluate",
+    "seed_everything": "tractrain.engine.rng",
     # hooks
     "Validation": "tractrain.hooks.validation",
     "GenerationValidation": "tractrain.hooks.generation",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from tractrain.engine.evaluate import evaluate as evaluate
     from tractrain.engine.fit import train_and_validate as train_and_validate
     from tractrain.engine.reuse import load_model as load_model
+    from tractrain.engine.rng import seed_everything as seed_everything
     from tractrain.engine.trainer import create_evaluator as create_evaluator
     from tractrain.engine.trainer import create_trainer as create_trainer
     from tractrain.hooks.best_model import BestModel as BestModel

@@ -19,3 +19,7 @@ class CheckpointError(TractrainError):
 
 class ExperimentBusyError(TractrainError):
     """Another process is writing the experiment (it holds the experiment's lock)."""
+
+
+class LossContractError(ConfigError):
+    """``loss_fn(model, batch)`` did not return ``(mean_loss, n)`` as the engine needs it."""

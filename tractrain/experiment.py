@@ -305,3 +305,22 @@ def read_best_epoch(exp_dir: str | os.PathLike) -> dict | None:
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
         raise ConfigError(f"{path}: expected a dict with an integer 'epoch' >= 1")
     return best
+
+
+def has_checkpoint(exp_dir: str | os.PathLike, *, or_best_model: bool = False) -> bool:
+    """Whether ``exp_dir`` holds a complete checkpoint (also one cut short mid-swap), or with
+    ``or_best_model`` a complete best model."""
+    exp = ExperimentDir(exp_dir)
+    folders = (exp.checkpoint, exp.best_model) if or_best_model else (exp.checkpoint,)
+    return any(is_complete(f.with_name(f.name + end)) for f in folders
+               for end in ("", ".new", ".old"))
+
+
+def is_unstarted(exp_dir: str | os.PathLike) -> bool:
+    """True for an experiment folder (its config.json there) of a run that stopped before its
+    first checkpoint: no complete checkpoint or best model, nothing but the layout's own
+    entries (and hidden files). Replacing it, or starting it over, loses nothing."""
+    exp = ExperimentDir(exp_dir)
+    if not exp.config.is_file() or has_checkpoint(exp, or_best_model=True):
+        return False
+    return all(entry.name.startswith((".", *LAYOUT)) for entry in exp.root.iterdir())

@@ -10,9 +10,14 @@ string only, before anything is imported (importing a module runs its code).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
 import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tractrain.errors import ConfigError
 
@@ -22,13 +27,20 @@ _NAME = re.compile(r"[A-Za-z_]\w*")
 
 
 def split_spec(spec: object, option: str) -> tuple[str, str]:
-    """``(module, name)`` of ``package.module:name``; one-line `ConfigError` if malformed."""
+    """``(module, name)`` of ``package.module:name`` or ``path/to/file.py:name``; one-line
+    `ConfigError` if malformed."""
+    expected = f"--{option} {spec!r}: expected package.module:name or path/to/file.py:name"
     if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConfigError(f"--{option} {spec!r}: expected package.module:name")
+        raise ConfigError(expected)
     module, name = spec.split(":")
-    if not _MODULE.fullmatch(module) or not _NAME.fullmatch(name):
-        raise ConfigError(f"--{option} {spec!r}: expected package.module:name")
+    if not (_MODULE.fullmatch(module) or is_file_spec(module)) or not _NAME.fullmatch(name):
+        raise ConfigError(expected)
     return module, name
+
+
+def is_file_spec(module: str) -> bool:
+    """True if the module part names a Python file (``path/to/file.py``)."""
+    return module.endswith(".py") or "/" in module or os.sep in module
 
 
 def is_builtin(spec: object) -> bool:
@@ -40,19 +52,58 @@ def is_builtin(spec: object) -> bool:
 
 
 def import_object(spec: str, option: str) -> Callable:
-    """The callable named by ``package.module:name`` (a name the user gave); one-line
+    """The callable named by ``package.module:name`` or ``path/to/file.py:name`` (a name the
+    user gave; the file is loaded by path under a module name of its own); one-line
     `ConfigError` otherwise."""
     module_name, attr = split_spec(spec, option)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"--{option} {spec!r}: cannot import {module_name!r} ({err})") from None
+    if is_file_spec(module_name):
+        module = import_file(Path(module_name), f"--{option} {spec!r}")
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"--{option} {spec!r}: cannot import {module_name!r} ({err})"
+                              f"{_import_hint(err, module_name)}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise ConfigError(f"--{option} {spec!r}: module {module_name!r} has no {attr!r}")
     if not callable(obj):
         raise ConfigError(f"--{option} {spec!r}: {attr!r} is not callable")
     return obj
+
+
+def _import_hint(err: ImportError, module_name: str) -> str:
+    """How to make ``module_name`` importable, when it is the module itself that is missing."""
+    missing = getattr(err, "name", None)
+    if not missing or not (module_name + ".").startswith(missing + "."):
+        return ""
+    return ("; running from the folder that holds it is not enough: add that folder to "
+            "PYTHONPATH (PYTHONPATH=/path/to/folder tractrain-train ...), install your package "
+            "(pip install -e .), or give the file: path/to/file.py:name")
+
+
+def import_file(path: Path, where: str):
+    """The module of the Python file ``path``, loaded once per resolved path (as
+    ``tractrain_user_<stem>_<hash>``, kept in ``sys.modules``)."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file {path}")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"tractrain_user_{stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{where}: {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def check_recorded(spec: object, option: str, source: str, trusted: bool, allow: str) -> None:
