@@ -49,13 +49,43 @@ def default_cache_dir() -> Path:
     return Path(base) / "tractrain"
 
 
+def demo_cache(config: dict) -> Path:
+    """The absolute folder where a run without ``store`` caches the demo phantom store."""
+    return (Path(config["cache_dir"]) if config.get("cache_dir") else default_cache_dir()).resolve()
+
+
+def recorded_store(config: dict, exp_dir: Path, store: str | None = None) -> str:
+    """The store that the experiment ``exp_dir`` (options ``config``) trained on, for commands
+    that only read it (eval, track): ``store`` (their ``--store``) if given, else the recorded
+    store, else the demo phantom's in the recorded cache, which is found, never built."""
+    if store is not None:
+        if not Path(store).exists():
+            raise ConfigError(f"--store {store}: no such store")
+        return store
+    if config.get("store") is not None:
+        if not Path(config["store"]).exists():
+            raise ConfigError(f"{exp_dir}: its store {config['store']} is gone; if it moved, "
+                              "pass --store PATH")
+        return config["store"]
+    from tractrain.data.phantom import demo_store_paths
+
+    cache = demo_cache(config)
+    path = demo_store_paths(cache, **DEMO_PHANTOM)[1]
+    if not path.exists():
+        raise ConfigError(
+            f"{exp_dir}: trained on the demo phantom store, no longer cached in {cache}; "
+            f"rebuild it with 'tractrain-train --cache-dir {cache} --name NEW --max-epochs 1' "
+            "(any run without --store builds it), or pass --store PATH")
+    return str(path)
+
+
 def open_run_store(config: dict):
     """The configured store, or the demo phantom's (built and cached on first use)."""
     lazy, budget = bool(config["lazy"]), int(config["cache_gb"] * 2**30)
     if config["store"] is None:
         from tractrain.data.phantom import demo_store
 
-        cache = Path(config["cache_dir"]) if config["cache_dir"] else default_cache_dir()
+        cache = demo_cache(config)
         print(f"demo: phantom store cached under {cache}", flush=True)
         store = demo_store(cache, **DEMO_PHANTOM)
         return open_store(store.path, lazy=lazy, cache_bytes=budget)

@@ -81,6 +81,7 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
         device_inputs,
         eval_loader,
         open_run_store,
+        recorded_store,
         resolve_device,
     )
     from tractrain.bin.track import recorded_factory
@@ -95,7 +96,7 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
     factory = recorded_factory(args, exp_dir)
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers {args.num_workers}: expected >= 0")
-    store = open_run_store({**config, "store": args.store or config.get("store")})
+    store = open_run_store({**config, "store": recorded_store(config, exp_dir, args.store)})
     group = config["group"]
     if group not in store.streamline_groups:
         raise ConfigError(f"{store.path}: no streamline group {group!r} (the training group); "

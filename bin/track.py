@@ -139,7 +139,7 @@ def recorded_factory(args: argparse.Namespace, exp_dir: Path) -> str:
 
 
 def track_command(args: argparse.Namespace) -> int:
-    from tractrain.bin.compose import input_config, resolve_device
+    from tractrain.bin.compose import input_config, recorded_store, resolve_device
     from tractrain.data.store import open_store
     from tractrain.engine.reuse import load_model
     from tractrain.generation.field import subject_field
@@ -153,12 +153,7 @@ def track_command(args: argparse.Namespace) -> int:
     exp_dir = Path(args.experiment)
     config = read_config(exp_dir)
     factory = recorded_factory(args, exp_dir)
-    store_path = args.store or config.get("store")
-    if store_path is None:
-        raise ConfigError(f"{exp_dir}: trained on the demo store; pass --store PATH")
-    if not Path(store_path).exists():
-        raise ConfigError(f"--store {store_path}: no such store")
-    store = open_store(store_path)
+    store = open_store(recorded_store(config, exp_dir, args.store))
     group = args.group or config["group"]
     if group not in store.streamline_groups:
         raise ConfigError(f"--group {group!r}: the store has streamline groups "

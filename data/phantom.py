@@ -232,6 +232,14 @@ def make_phantom(
     return summary
 
 
+def demo_store_paths(cache_dir: str | os.PathLike, **phantom_kwargs) -> tuple[Path, Path]:
+    """``(phantom folder, store)`` that `demo_store` uses under ``cache_dir`` (nothing built)."""
+    text = json.dumps({**phantom_kwargs, "version": PHANTOM_VERSION}, sort_keys=True,
+                      default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"phantom-{key}", Path(cache_dir) / f"store-{key}.zarr"
+
+
 def demo_store(cache_dir: str | os.PathLike, **phantom_kwargs):
     """Open (building it on first use) a store of a phantom, cached under ``cache_dir``.
 
@@ -241,11 +249,7 @@ def demo_store(cache_dir: str | os.PathLike, **phantom_kwargs):
     from tractrain.data.builder import build_store
     from tractrain.data.store import open_store
 
-    text = json.dumps({**phantom_kwargs, "version": PHANTOM_VERSION}, sort_keys=True,
-                      default=str)
-    key = hashlib.sha256(text.encode()).hexdigest()[:12]
-    root = Path(cache_dir) / f"phantom-{key}"
-    store_path = Path(cache_dir) / f"store-{key}.zarr"
+    root, store_path = demo_store_paths(cache_dir, **phantom_kwargs)
     rebuilt = not is_complete(root)
     if rebuilt:
         make_phantom(root, overwrite=True, **phantom_kwargs)
