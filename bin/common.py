@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 from tractrain.errors import TractrainError
+from tractrain.log import configure
 
 EXIT_OS_ERROR = 1
 EXIT_USAGE = 2
@@ -77,6 +78,20 @@ class ArgumentParser(argparse.ArgumentParser):
                 self.error(f"unknown flag {flag}{suggest(flag, candidates)}")
             self.error(f"unexpected argument {first!r}")
         return namespace
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` and ``-q/--quiet``: how much the ``tractrain`` logger shows (`run`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also log the training loss every --log-every iterations")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="log warnings and errors only (no line per epoch)")
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """-1 with ``--quiet``, 1 with ``--verbose``, else 0."""
+    return int(bool(getattr(args, "verbose", False))) - int(bool(getattr(args, "quiet", False)))
 
 
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
@@ -138,10 +153,12 @@ def run(
     propagates with its traceback). Any other `OSError` (a write failing with ENOSPC, EIO, ...)
     prints one line naming the file and the OS error and returns 1: the environment failed,
     not the input; so does a DataLoader worker killed by a signal. Ctrl-C returns 130.
+    The ``tractrain`` logger writes to stderr meanwhile (`tractrain.log.configure`, at the
+    level of ``--verbose``/``--quiet`` when the command has them).
     """
     prog = prog or _last_prog or os.path.basename(sys.argv[0]) or "tractrain"
     try:
-        with quiet_ignite(bool(getattr(args, "debug", False))):
+        with configure(verbosity(args)), quiet_ignite(bool(getattr(args, "debug", False))):
             status = main(args)
     except (TractrainError, FileNotFoundError, FileExistsError, PermissionError,
             NotADirectoryError, IsADirectoryError) as e:

@@ -98,6 +98,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "comet_project": ("tractrain", str, "Comet project name"),
     "comet_workspace": (None, str, "Comet workspace"),
     "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
+    "log_every": (50, int, "with -v, log the training loss every N iterations"),
 }
 
 # name: (lowest, highest, lowest excluded): checked at parse time for numeric options.
@@ -116,7 +117,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "patience": (1, BIG, False), "min_delta": (0, 1e12, False),
     "gen_every": (1, BIG, False), "gen_streamlines": (1, 10**7, False),
     "gen_within_mm": (0, 1e4, True), "nproc_per_node": (1, 1024, False),
-    "checkpoint_every": (1, BIG, False),
+    "checkpoint_every": (1, BIG, False), "log_every": (1, BIG, False),
 }
 
 SECTIONS = {
@@ -132,7 +133,7 @@ SECTIONS = {
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
                                "device", "amp",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
-                               "progress"),
+                               "progress", "log_every"),
 }
 
 NONE_WORDS = ("none", "null", "")

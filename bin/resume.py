@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
-from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
 from tractrain.bin.options import convert
 from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
-OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress")
+OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
+             "log_every")
 
 
 def make_parser() -> ArgumentParser:
@@ -34,6 +35,9 @@ def make_parser() -> ArgumentParser:
                         help="DataLoader workers (does not change the batches)")
     parser.add_argument("--device", metavar="DEV", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--progress", metavar="BOOL", help="progress bars on/off")
+    parser.add_argument("--log-every", dest="log_every", metavar="N",
+                        help="with -v, log the training loss every N iterations")
+    add_verbosity_flags(parser)
     add_trust_flags(parser, loss=True)
     return parser
 

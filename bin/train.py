@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
-from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
 from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, check_name, has_checkpoint, is_unstarted
@@ -34,6 +34,7 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("config", nargs="?", help="YAML or JSON config file")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing experiment folder of the same name")
+    add_verbosity_flags(parser)
     add_option_flags(parser)
     return parser
 

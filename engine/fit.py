@@ -21,6 +21,7 @@ from tractrain.engine.trainer import LossFn, TrainStep, create_evaluator
 from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.checkpoint import Checkpoint, check_model_state, load_checkpoint
+from tractrain.hooks.epoch_log import EpochLog
 from tractrain.hooks.grad_norm import GradNorm
 from tractrain.hooks.logs import NpyLogs
 from tractrain.hooks.patience import Patience
@@ -62,6 +63,7 @@ def train_and_validate(
     prepare_batch=None,
     extra_state: dict | None = None,
     resume_hint: str | None = None,
+    log_every: int | None = None,
 ) -> Engine:
     """Train ``model`` for ``max_epochs`` epochs with validation, checkpoints, best model,
     patience, logs, optional Comet; returns the trainer (its ``state.metrics`` hold the last
@@ -74,6 +76,9 @@ def train_and_validate(
     In a distributed run (``idist`` world size > 1, see `tractrain.engine.distributed`) call it
     on every rank: the model is wrapped in DDP, the sampler must be this rank's shard with
     ``drop_uneven=True``, losses are reduced over ranks and only rank 0 writes files.
+
+    Progress goes to the ``tractrain`` logger (`EpochLog`): a line per epoch at INFO and, with
+    ``log_every`` N, the iteration loss every N iterations at DEBUG.
     """
     exp_dir = Path(exp_dir)
     sampler = train_sampler if train_sampler is not None else train_loader.sampler
@@ -114,6 +119,7 @@ def train_and_validate(
 
         objects["comet"] = CometLogger(exp_dir, **{"params": config, **comet})
         objects["comet"].attach(trainer)
+    EpochLog(patience, log_every).attach(trainer)
     Progress(enabled=progress).attach(trainer)
     objects.update(extra_state or {})
     objects["rng"] = GlobalRNG()

@@ -37,6 +37,8 @@ class Patience:
 
     A resumed run whose restored state is already exhausted stops at ``STARTED`` (construct
     with a larger ``patience`` to extend it: the constructor's patience wins over the state's).
+    Publishes the count of epochs without improvement as ``state.metrics["bad_epochs"]`` and
+    logs why it stopped (at ``TERMINATE``, after the epoch's other handlers).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class Patience:
     ) -> None:
         self.patience = _check_patience(patience)
         self.monitor = Monitor(metric, mode, min_delta, owner="Patience")
+        self._stopping = False
 
     @property
     def exhausted(self) -> bool:
@@ -57,17 +60,24 @@ class Patience:
     def attach(self, trainer: Engine) -> Patience:
         trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+        trainer.add_event_handler(Events.TERMINATE, self._on_terminate)
         return self
 
     def _stop(self, trainer: Engine) -> None:
+        self._stopping = True
+        trainer.terminate()
+
+    def _on_terminate(self, trainer: Engine) -> None:
+        if not self._stopping:
+            return  # stopped by something else (a signal)
+        self._stopping = False
         m = self.monitor
         log.info(
-            "Patience: no improvement of '%s' by more than %g for %d epochs (best %g at epoch "
-            "%s); stopping at epoch %d",
-            m.metric, m.min_delta, m.bad_epochs, m.best if m.best is not None else math.nan,
-            m.best_epoch, trainer.state.epoch,
+            "early stop at epoch %d: patience exhausted (no improvement of '%s' by more than "
+            "%g for %d epochs, patience %d; best %g at epoch %s)",
+            trainer.state.epoch, m.metric, m.min_delta, m.bad_epochs, self.patience,
+            m.best if m.best is not None else math.nan, m.best_epoch,
         )
-        trainer.terminate()
 
     def _on_started(self, trainer: Engine) -> None:
         if self.exhausted:
@@ -75,6 +85,7 @@ class Patience:
 
     def _on_epoch_completed(self, trainer: Engine) -> None:
         self.monitor.update(trainer.state.metrics, trainer.state.epoch)
+        trainer.state.metrics["bad_epochs"] = self.monitor.bad_epochs
         if self.exhausted:
             self._stop(trainer)
 

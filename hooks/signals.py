@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from tractrain.util import reraise_if_last
+
+log = logging.getLogger(__name__)
 
 
 class GracefulStop:
@@ -64,9 +66,8 @@ class GracefulStop:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing the current iteration, "
-              "then saving a checkpoint (press Ctrl-C again to abort without saving)",
-              file=sys.stderr, flush=True)
+        log.warning("%s received: finishing the current iteration, then saving a checkpoint "
+                    "(press Ctrl-C again to abort without saving)", signal.Signals(signum).name)
         self._watch()  # the trainer stops after the running iteration
 
     def _maybe_stop(self, trainer: Engine) -> None:
@@ -80,8 +81,8 @@ class GracefulStop:
         path = self.checkpoint.save(trainer)  # every rank collects, rank 0 writes
         hint = f"; resume with: {self.resume_hint}" if self.resume_hint else ""
         if idist.get_rank() == 0:
-            print(f"stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
-                  f"checkpoint written to {path}{hint}", file=sys.stderr, flush=True)
+            log.warning("stopped at epoch %d, iteration %d: checkpoint written to %s%s",
+                        trainer.state.epoch, trainer.state.iteration, path, hint)
         trainer.state.stopped_by_signal = signal.Signals(self.received).name
         trainer.terminate()
 
