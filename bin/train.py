@@ -112,8 +112,10 @@ def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool) -> Non
     """One process of a distributed run; rank 0 prints the summary."""
     from tractrain.bin.compose import run_training
     from tractrain.engine.distributed import is_main
+    from tractrain.log import configure
 
-    trainer = run_training(config, Path(exp_dir), resume=resume)
+    with configure():  # a spawned rank starts without the launcher's logging set-up
+        trainer = run_training(config, Path(exp_dir), resume=resume)
     if is_main():
         finish(trainer, Path(exp_dir))
 
