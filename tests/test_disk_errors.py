@@ -65,7 +65,7 @@ def test_failed_write_stops_cleanly_and_keeps_previous_files(one_epoch, tmp_path
     before = snapshot(exp)
     capsys.readouterr()
     fault(spec)
-    status = resume_main([str(exp), "--max-epochs", "2"])
+    status = resume_main([str(exp), "--max-epochs", "2", "--quiet"])  # errors only
     err = capsys.readouterr().err
     assert status == 1, err
     lines = err.strip().splitlines()
@@ -123,7 +123,8 @@ def test_a_real_process_prints_only_the_one_line(one_epoch, tmp_path, spec):
     exp = tmp_path / "exp"
     shutil.copytree(one_epoch, exp)
     done = subprocess.run([sys.executable, "-m", "tractrain.bin.resume", str(exp),
-                           "--max-epochs", "2"], capture_output=True, text=True, timeout=300,
+                           "--max-epochs", "2", "--quiet"], capture_output=True, text=True,
+                          timeout=300,
                           env={**os.environ, FAULT_ENV: spec})
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
