@@ -7,7 +7,6 @@ samplers and loaders, import the user's model and loss, then call `train_and_val
 from __future__ import annotations
 
 import io
-import logging
 import os
 from pathlib import Path
 
@@ -138,7 +137,6 @@ def check_options(config: dict) -> None:
 def run_training(config: dict, exp_dir: Path, resume: bool = False):
     """Build everything from ``config`` and train (or resume) in ``exp_dir``."""
     check_options(config)
-    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors: one line, by run
     seed_everything(config["seed"])  # before anything draws, the model's factory included
     model_factory = import_object(config["model"], "model")
     loss_fn = import_object(config["loss"], "loss")
