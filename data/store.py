@@ -290,6 +290,13 @@ class Store:
         block[order] = np.cumsum(sorted_lengths) - sorted_lengths
         return np.asarray(data[expand_ranges(block, lengths)], dtype=np.float32), lengths
 
+    def array(self, subject: str, group: str, name: str | None = None) -> zarr.Array:
+        """The zarr array of a volume group (``name`` None) or of a streamline group's
+        ``name`` (e.g. ``"points"``), its chunks checked: for reads in blocks, uncached."""
+        self._check(subject, group, self.volume_groups if name is None else
+                    self.streamline_groups)
+        return self._verified_array(subject, group, *(() if name is None else (name,)))
+
     def dps(self, subject: str, group: str, key: str, ids) -> np.ndarray:
         """Data-per-streamline ``key`` for streamlines ``ids``."""
         self._check(subject, group, self.streamline_groups)
