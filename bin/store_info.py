@@ -99,7 +99,7 @@ def info(args: argparse.Namespace) -> int:
 
     from tractrain.data import inspect_store
     from tractrain.data.store import open_store
-    from tractrain.errors import ConfigError
+    from tractrain.errors import ConfigError, StoreError
 
     for flag in ("max_outside", "max_zero_inputs"):
         value = getattr(args, flag)
@@ -117,14 +117,20 @@ def info(args: argparse.Namespace) -> int:
                disable=True if args.quiet or not args.check else None, leave=False)
     for subject in bar:
         bar.set_postfix_str(subject)
-        summary = inspect_store.subject_summary(store, subject)
+        try:
+            summary = inspect_store.subject_summary(store, subject)
+            result = inspect_store.check_subject(store, subject, args.max_outside,
+                                                 args.max_zero_inputs) if args.check else None
+        except StoreError as err:  # a damaged array: a failed check, or the error without
+            if not args.check:
+                raise
+            failures.append(str(err))
+            continue
         doc["subject_info"][subject] = summary
         doc["stored_bytes"] += summary["stored_bytes"]
         if not args.json:
             bar.write(subject_line(subject, summary), file=sys.stdout)
-        if args.check:
-            result = inspect_store.check_subject(store, subject, args.max_outside,
-                                                 args.max_zero_inputs)
+        if result is not None:
             checks[subject] = result
             failures += result["failures"]
             if not args.json:
