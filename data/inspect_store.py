@@ -19,6 +19,7 @@ import torch
 from tractrain.data.format import check_streamline_index, stored_chunks
 from tractrain.data.interpolation import interpolate
 from tractrain.data.space_check import inside_mask
+from tractrain.data.store import store_array
 from tractrain.errors import StoreError
 
 POINT_BLOCK = 2**20  # points read at once by the checks
@@ -64,7 +65,7 @@ def subject_summary(store, subject: str) -> dict:
     out: dict = {"split": split_of(store, subject), "volumes": {}, "streamlines": {},
                  "stored_bytes": 0}
     for name in store.volume_groups:
-        arr = store.array(subject, name)
+        arr = store_array(store, subject, name)
         info = store.volume_info(subject, name)
         size = _stored(arr)
         out["volumes"][name] = {"shape": [int(n) for n in arr.shape], "dtype": str(arr.dtype),
@@ -72,10 +73,10 @@ def subject_summary(store, subject: str) -> dict:
                                 "stored_bytes": size}
         out["stored_bytes"] += size
     for name in store.streamline_groups:
-        lengths = np.asarray(store.array(subject, name, "lengths")[...])
-        mm = np.asarray(store.array(subject, name, "lengths_mm")[...])
+        lengths = np.asarray(store_array(store, subject, name, "lengths")[...])
+        mm = np.asarray(store_array(store, subject, name, "lengths_mm")[...])
         info = store.streamline_info(subject, name)
-        size = sum(_stored(store.array(subject, name, k))
+        size = sum(_stored(store_array(store, subject, name, k))
                    for k in ("points", "offsets", "lengths", "lengths_mm"))
         out["streamlines"][name] = {
             "n_streamlines": int(lengths.size), "n_points": int(lengths.sum()),
@@ -102,10 +103,10 @@ def nonzero_mask(arr) -> tuple[torch.Tensor, int]:
 
 def _streamline_table(store, subject: str, group: str, where: str, failures: list) -> bool:
     """Offsets/lengths consistent with the points, lengths in mm finite and >= 0."""
-    offsets = np.asarray(store.array(subject, group, "offsets")[...], dtype=np.int64)
-    lengths = np.asarray(store.array(subject, group, "lengths")[...], dtype=np.int64)
-    mm = np.asarray(store.array(subject, group, "lengths_mm")[...], dtype=np.float64)
-    n_points = int(store.array(subject, group, "points").shape[0])
+    offsets = np.asarray(store_array(store, subject, group, "offsets")[...], dtype=np.int64)
+    lengths = np.asarray(store_array(store, subject, group, "lengths")[...], dtype=np.int64)
+    mm = np.asarray(store_array(store, subject, group, "lengths_mm")[...], dtype=np.float64)
+    n_points = int(store_array(store, subject, group, "points").shape[0])
     try:
         check_streamline_index(where, offsets, lengths, n_points)
     except StoreError as err:
@@ -132,7 +133,7 @@ def check_subject(store, subject: str, max_outside: float = MAX_OUTSIDE,
     result: dict = {"volumes": {}, "streamlines": {}, "failures": failures}
     masks = {}
     for name in store.volume_groups:
-        masks[name], bad = nonzero_mask(store.array(subject, name))
+        masks[name], bad = nonzero_mask(store_array(store, subject, name))
         result["volumes"][name] = {"non_finite": bad}
         if bad:
             failures.append(f"{subject}/{name}: {bad} NaN/inf values in the volume")
@@ -164,7 +165,7 @@ def _scan_points(store, subject: str, group: str, masks: dict) -> dict:
         volume = store.volume_info(subject, name)["affine"]
         same = np.allclose(info["affine"], volume, atol=1e-5)
         transforms[name] = None if same else np.linalg.inv(volume) @ info["affine"]
-    points = store.array(subject, group, "points")
+    points = store_array(store, subject, group, "points")
     chunk = max(1, int(points.chunks[0]))
     block = max(chunk, POINT_BLOCK // chunk * chunk)
     total = finite_total = bad = outside = 0

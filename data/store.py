@@ -290,13 +290,6 @@ class Store:
         block[order] = np.cumsum(sorted_lengths) - sorted_lengths
         return np.asarray(data[expand_ranges(block, lengths)], dtype=np.float32), lengths
 
-    def array(self, subject: str, group: str, name: str | None = None) -> zarr.Array:
-        """The zarr array of a volume group (``name`` None) or of a streamline group's
-        ``name`` (e.g. ``"points"``), its chunks checked: for reads in blocks, uncached."""
-        self._check(subject, group, self.volume_groups if name is None else
-                    self.streamline_groups)
-        return self._verified_array(subject, group, *(() if name is None else (name,)))
-
     def dps(self, subject: str, group: str, key: str, ids) -> np.ndarray:
         """Data-per-streamline ``key`` for streamlines ``ids``."""
         self._check(subject, group, self.streamline_groups)
@@ -343,3 +336,10 @@ class Store:
     def __repr__(self) -> str:
         return (f"Store({self.path!r}, lazy={self.lazy}, subjects={len(self.subjects)}, "
                 f"volumes={list(self.volume_groups)}, streamlines={list(self.streamline_groups)})")
+
+
+def store_array(store: Store, subject: str, group: str, name: str | None = None) -> zarr.Array:
+    """The zarr array of a volume group (``name`` None) or of a streamline group's ``name``
+    (e.g. ``"points"``), its chunks checked: for reads in blocks that bypass the caches."""
+    store._check(subject, group, store.volume_groups if name is None else store.streamline_groups)
+    return store._verified_array(subject, group, *(() if name is None else (name,)))
