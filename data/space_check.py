@@ -18,6 +18,7 @@ from nibabel.orientations import aff2axcodes
 from tractrain.errors import StoreError
 
 DEFAULT_TOLERANCE = 0.01  # share of points allowed outside the reference volume
+OVERRIDE = "--allow-outside (config key 'allow_outside')"
 CAUSES = "likely a wrong reference volume, an LPS/RAS mix-up or a shifted header"
 
 
@@ -38,10 +39,10 @@ def outside_count(points_vox: np.ndarray, shape: Sequence[int]) -> int:
 
 def check_inside(points_vox: np.ndarray, shape: Sequence[int], subject: str,
                  source: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE,
-                 reference: str | None = None) -> float:
+                 reference: str | None = None, override: str = OVERRIDE) -> float:
     """Share of ``points_vox`` outside a grid of ``shape``; raise `StoreError` (one line naming
-    the subject, ``source``, the share outside and the likely causes) when it exceeds
-    ``tolerance`` (a share: 0.01 is 1 % of the points)."""
+    the subject, ``source``, the share outside, the likely causes and ``override``, the way
+    to accept it) when it exceeds ``tolerance`` (a share: 0.01 is 1 % of the points)."""
     n = int(np.asarray(points_vox).reshape(-1, 3).shape[0])
     out = outside_count(points_vox, shape)
     share = out / n if n else 0.0
@@ -51,22 +52,22 @@ def check_inside(points_vox: np.ndarray, shape: Sequence[int], subject: str,
         raise StoreError(
             f"subject {subject}: {source}: {100 * share:.1f}% of streamline points ({out} of "
             f"{n}) lie outside the reference volume{ref} ({dims} voxels; tolerance "
-            f"{100 * tolerance:g}%): {CAUSES}; pass --allow-outside (config key "
-            "'allow_outside') to build anyway")
+            f"{100 * tolerance:g}%): {CAUSES}; pass {override} to accept it anyway")
     return share
 
 
 def check_files_inside(points_vox: np.ndarray, lengths: np.ndarray,
                        files: Sequence[tuple[str | os.PathLike, int]], shape: Sequence[int],
                        subject: str, tolerance: float = DEFAULT_TOLERANCE,
-                       reference: str | None = None) -> None:
+                       reference: str | None = None, override: str = OVERRIDE) -> None:
     """`check_inside` file by file: ``points_vox``/``lengths`` are the streamlines of
     ``files`` (``(path, number of streamlines)``) concatenated in that order."""
     ends = np.concatenate([[0], np.cumsum(lengths)])
     first = 0
     for path, count in files:
         start, stop = int(ends[first]), int(ends[first + count])
-        check_inside(points_vox[start:stop], shape, subject, path, tolerance, reference)
+        check_inside(points_vox[start:stop], shape, subject, path, tolerance, reference,
+                     override)
         first += count
 
 
