@@ -21,6 +21,10 @@ def make_parser() -> ArgumentParser:
                         "(default: the config's folder)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="build even when more than 1%% of a subject's streamline points "
+                        "lie outside their reference volume (config key 'allow_outside' per "
+                        "streamline group)")
     return parser
 
 
@@ -31,7 +35,7 @@ def build(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent
     out = build_store(config, args.out, root, force=args.force, progress=not args.quiet,
-                      config_path=str(args.config))
+                      config_path=str(args.config), allow_outside=args.allow_outside)
     print(f"store written: {out}")
     return 0
 

@@ -31,6 +31,7 @@ from tractrain.data.valid_sample import (
     store_strata,
     stratified_sample,
 )
+from tractrain.engine.contract import ZeroInputsCheck
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
@@ -194,13 +195,22 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         model_config={**model_config, "factory": config["model"]}, comet=comet,
         progress=config["progress"], checkpoint_every=config["checkpoint_every"],
         resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
-        log_every=config.get("log_every"),
+        log_every=config.get("log_every"), batch_check=zero_inputs_check(config, store),
     )
     if config["loss"] == DEMO_LOSS and valid_loader is not None and world == 1:
         from tractrain.examples.next_direction import baselines
 
         trainer.state.baselines = baselines(valid_loader)  # same points as valid_loss
     return trainer
+
+
+def zero_inputs_check(config: dict, store) -> ZeroInputsCheck | None:
+    """The first-batch check that stops a run on mostly all-zero inputs (None when
+    ``allow_zero_inputs``)."""
+    if config.get("allow_zero_inputs"):
+        return None
+    return ZeroInputsCheck(hint=f"check the store with 'tractrain-store-info {store.path} "
+                                "--check', or pass --allow-zero-inputs true to train anyway")
 
 
 def factory_config(config: dict) -> dict:

@@ -66,6 +66,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "radius_mm": (0.0, float, "neighbourhood radius (mm)"),
     "resolution_mm": (None, float, "neighbourhood spacing (mm), default: radius"),
     "outside": ("zeros", str, "points outside the volume: zeros | clamp"),
+    "allow_zero_inputs": (False, bool, "train even when more than half of the first training "
+                                       "batch's points have all-zero inputs (streamlines "
+                                       "outside their volume?)"),
     "interpolate": ("workers", str, "interpolate inputs in the DataLoader workers (CPU) or on "
                                     "the training device: workers | device"),
     "num_workers": (0, int, "DataLoader worker processes"),
@@ -127,7 +130,7 @@ SECTIONS = {
                 "max_batches_train", "max_batches_valid", "valid_fraction"),
     "loader": ("step_size", "compress", "split_ratio", "reverse_ratio", "noise_mm",
                "noise_truncation", "volume_group", "neighborhood", "radius_mm", "resolution_mm",
-               "outside", "interpolate", "num_workers", "lazy", "cache_gb"),
+               "outside", "allow_zero_inputs", "interpolate", "num_workers", "lazy", "cache_gb"),
     "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
                                "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",

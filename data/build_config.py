@@ -24,7 +24,7 @@ from tractrain.errors import ConfigError
 
 STANDARDIZATION = ("all", "independent", "per_file", "none")
 VOLUME_KEYS = {"type", "files", "standardization", "mask", "dtype"}
-STREAMLINE_KEYS = {"type", "files", "reference", "step_size", "compress"}
+STREAMLINE_KEYS = {"type", "files", "reference", "step_size", "compress", "allow_outside"}
 DTYPES = ("float32", "float16")
 
 
@@ -94,6 +94,8 @@ def validate_config(config, where: str = "config") -> dict:
                 value = group.get(key)
                 if value is not None and (not isinstance(value, int | float) or value <= 0):
                     raise ConfigError(f"{at}.{key}: expected a positive number (mm), got {value!r}")
+            if not isinstance(group.get("allow_outside", False), bool):
+                raise ConfigError(f"{at}.allow_outside: expected true or false")
             if group.get("step_size") and group.get("compress"):
                 raise ConfigError(f"{at}: set either 'step_size' or 'compress', not both")
     subjects = config["subjects"]

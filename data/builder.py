@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tractrain.data.build_config import validate_config
 from tractrain.data.format import ALL_CHUNKS_ATTR, FORMAT_NAME, FORMAT_VERSION, SPLITS
+from tractrain.data.space_check import check_files_inside, check_trk_voxel_order
 from tractrain.errors import ConfigError
 
 STD_FLOOR = 1e-6
@@ -179,6 +180,7 @@ def _load_tractogram(path: Path, reference: Path | None):
                           "(TCK has no voxel grid)")
     if suffix == ".trk":
         _check_trk_count(path)
+        check_trk_voxel_order(path)
     try:
         tractogram = nib.streamlines.load(str(path)).tractogram
     except Exception as err:  # nibabel raises many types for unreadable files
@@ -226,7 +228,7 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
     reference = None
     if group.get("reference"):
         reference = _match(folder, group["reference"], f"reference of group {name!r}")[0]
-    all_points, all_lengths, dps_parts = [], [], []
+    all_points, all_lengths, dps_parts, sources = [], [], [], []
     header_affine = header_dims = None
     for pattern in group["files"]:
         for path in _match(folder, pattern, f"streamline group {name!r}"):
@@ -241,6 +243,7 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
                 header_dims = [int(d) for d in hdr["dimensions"]]
             all_points.append(points)
             all_lengths.append(lengths)
+            sources.append((path, lengths.size))
             dps_parts.append(dps)
     points, lengths = np.concatenate(all_points), np.concatenate(all_lengths)
     keys = set.intersection(*(set(d) for d in dps_parts)) if dps_parts else set()
@@ -262,6 +265,9 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
         raise ConfigError(f"{folder}: streamline group {name!r} needs a 'reference' volume")
     mm = lengths_mm(points, lengths)
     voxels = nib.affines.apply_affine(np.linalg.inv(affine), points).astype(np.float32)
+    if not group.get("allow_outside"):  # points outside their volume would read zeros
+        check_files_inside(voxels, lengths, sources, dims, folder.name,
+                           reference=reference.name if reference is not None else None)
     info = {"affine": np.asarray(affine).tolist(), "dimensions": dims,
             "voxel_sizes": nib.affines.voxel_sizes(affine).tolist(),
             "space": "voxel", "origin": "center",
@@ -321,16 +327,22 @@ def build_store(
     force: bool = False,
     progress: bool = True,
     config_path: str | None = None,
+    allow_outside: bool = False,
 ) -> Path:
     """Build the store described by ``config`` from subject folders under ``root`` at ``out``.
 
     Raises `ConfigError` (nothing written at ``out``) on bad input; refuses an existing
-    ``out`` unless ``force``.
+    ``out`` unless ``force``. A subject whose streamline points lie outside their reference
+    volume (more than 1 %) is refused unless ``allow_outside`` (or the group's
+    ``allow_outside`` key; `tractrain.data.space_check`).
     """
     from tractrain import __version__
 
     where = config_path or "config"
     config = validate_config(json.loads(json.dumps(config)), where)
+    for group in config["groups"].values():  # recorded in the provenance
+        if allow_outside and group["type"] == "streamlines":
+            group["allow_outside"] = True
     out, root = Path(out), Path(root)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (use --force to overwrite it)")

@@ -336,3 +336,10 @@ class Store:
     def __repr__(self) -> str:
         return (f"Store({self.path!r}, lazy={self.lazy}, subjects={len(self.subjects)}, "
                 f"volumes={list(self.volume_groups)}, streamlines={list(self.streamline_groups)})")
+
+
+def store_array(store: Store, subject: str, group: str, name: str | None = None) -> zarr.Array:
+    """The zarr array of a volume group (``name`` None) or of a streamline group's ``name``
+    (e.g. ``"points"``), its chunks checked: for reads in blocks that bypass the caches."""
+    store._check(subject, group, store.volume_groups if name is None else store.streamline_groups)
+    return store._verified_array(subject, group, *(() if name is None else (name,)))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from tractrain.errors import LossContractError
+from tractrain.errors import ConfigError, LossContractError
 
 CONTRACT = "loss_fn(model, batch) -> (mean_loss, n)"
 
@@ -87,3 +87,39 @@ class FirstCallChecked:
         check_loss_result(result, self.loss_fn, training=self.training)
         self.call = self.loss_fn
         return result
+
+
+ZERO_INPUTS_LIMIT = 0.5  # share of the first batches' points with all-zero inputs
+
+
+class ZeroInputsCheck:
+    """A first-batches check (`TrainStep`'s ``batch_check``): stops a run whose first
+    ``batches`` batches have more than ``max_share`` of their points with all-zero inputs
+    (streamlines outside their volume: a wrong reference, LPS/RAS, a shifted header), which
+    would otherwise train to the end on zeros. ``hint`` ends the one-line `ConfigError`
+    (what to run, how to override). Returns True once decided, so the step stops calling it.
+    """
+
+    def __init__(self, max_share: float = ZERO_INPUTS_LIMIT, batches: int = 1,
+                 hint: str = "") -> None:
+        self.max_share, self.batches, self.hint = max_share, batches, hint
+        self.zero = self.total = self.seen = 0
+
+    def __call__(self, batch) -> bool:
+        inputs = getattr(batch, "inputs", None)
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2:
+            return True  # no per-point inputs: nothing to check
+        self.zero += int((inputs == 0).all(dim=1).sum())  # one host read per checked batch
+        self.total += int(inputs.shape[0])
+        self.seen += 1
+        if self.seen < self.batches:
+            return False
+        share = self.zero / self.total if self.total else 0.0
+        if share > self.max_share:
+            what = "batch" if self.seen == 1 else f"{self.seen} batches"
+            raise ConfigError(
+                f"first training {what}: {100 * share:.1f}% of {self.total} points have "
+                f"all-zero inputs (limit {100 * self.max_share:g}%): the streamlines likely "
+                f"lie outside their volume (wrong reference, LPS/RAS, shifted header)"
+                + (f"; {self.hint}" if self.hint else ""))
+        return True

@@ -64,6 +64,7 @@ def train_and_validate(
     extra_state: dict | None = None,
     resume_hint: str | None = None,
     log_every: int | None = None,
+    batch_check=None,
 ) -> Engine:
     """Train ``model`` for ``max_epochs`` epochs with validation, checkpoints, best model,
     patience, logs, optional Comet; returns the trainer (its ``state.metrics`` hold the last
@@ -78,7 +79,8 @@ def train_and_validate(
     ``drop_uneven=True``, losses are reduced over ranks and only rank 0 writes files.
 
     Progress goes to the ``tractrain`` logger (`EpochLog`): a line per epoch at INFO and, with
-    ``log_every`` N, the iteration loss every N iterations at DEBUG.
+    ``log_every`` N, the iteration loss every N iterations at DEBUG. ``batch_check`` runs on
+    the first training batches (`TrainStep`), e.g. `ZeroInputsCheck`.
     """
     exp_dir = Path(exp_dir)
     sampler = train_sampler if train_sampler is not None else train_loader.sampler
@@ -89,7 +91,7 @@ def train_and_validate(
     model = auto_model(model)  # DDP when distributed, else unchanged
     step = TrainStep(model, optimizer, loss_fn, device=device, amp=amp,
                      clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
-                     nan_policy=nan_policy, check_every=check_every)
+                     nan_policy=nan_policy, check_every=check_every, batch_check=batch_check)
     trainer = step.create_engine()
     position = SamplerEpochs(sampler).attach(trainer)
     objects: dict = {"model": net, "optimizer": optimizer, "scaler": step.scaler,

@@ -164,6 +164,8 @@ class TrainStep:
             iteration recorded there), are checked every N iterations, at the end of the
             epoch and before any checkpoint (`check_finite`), and the epoch means are read
             once. ``nan_policy="skip"`` needs a decision per batch, so it checks every one.
+        batch_check: ``f(prepared batch) -> done``, called on the first batches until it
+            returns True (e.g. `tractrain.engine.contract.ZeroInputsCheck`); it may raise.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class TrainStep:
         prepare_batch: Callable | None = None,
         nan_policy: str = "stop",
         check_every: int | None = None,
+        batch_check: Callable | None = None,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
@@ -197,10 +200,20 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.mean = EpochMean()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.prepare = prepare_batch or _to_device
+        self._prepare = prepare_batch or _to_device
+        self.batch_check = batch_check
+        self.prepare = self._prepare if batch_check is None else self._prepare_checked
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._engine: Engine | None = None
         self._call_loss: Callable = self._first_loss  # the loss_fn itself after one batch
+
+    def _prepare_checked(self, batch, device: torch.device):
+        """Prepare a first batch and run ``batch_check`` on it until it reports done; later
+        batches go straight to the preparation (no per-iteration cost)."""
+        batch = self._prepare(batch, device)
+        if self.batch_check(batch):
+            self.prepare = self._prepare
+        return batch
 
     def _first_loss(self, model: torch.nn.Module, batch):
         """``loss_fn`` on the run's first batch, its result checked against the contract."""

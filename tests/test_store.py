@@ -29,6 +29,7 @@ def _streamlines(rng, n=20):
         k = int(rng.integers(3, 15))
         start = rng.uniform([2, 2, 2], [8, 10, 6])
         vox = start + np.cumsum(rng.normal(0, 0.3, (k, 3)), axis=0)
+        vox = np.clip(vox, 0, np.array(SHAPE) - 1)  # inside the volume: builds refuse others
         out.append(nib.affines.apply_affine(AFFINE, vox).astype(np.float32))
     return out
 
