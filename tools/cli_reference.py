@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "resume", "plot_logs", "build_store", "make_phantom", "track", "eval")
+COMMANDS = ("train", "resume", "plot_logs", "build_store", "import_hdf5", "make_phantom", "track",
+            "eval")
 ROOT = Path(__file__).resolve().parents[1]
 
 
