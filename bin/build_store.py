@@ -21,7 +21,8 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("out", help="output store folder, e.g. data.zarr")
     parser.add_argument("--root", help="folder holding one sub-folder per subject "
                         "(default: the config's folder)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it is a store (never anything else)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     lists = parser.add_argument_group(
         "dwi_ml config", "CONFIG may be dwi_ml's JSON group config (as for "

@@ -255,3 +255,8 @@ def test_build_store_with_dwi_ml_config_needs_the_subject_lists(tmp_path, capsys
     status, err = _main(build_main, capsys, tmp_path / "c.json", tmp_path / "o.zarr", *lists)
     assert status == 2 and "c.json: dwi: unknown dwi_ml keys ['nb_points']" in err
     assert not (tmp_path / "o.zarr").exists()
+    (tmp_path / "o.zarr").mkdir()  # --force replaces a store only, in build-store too
+    status, err = _main(build_main, capsys, FIXTURE / "config_dwiml.json", tmp_path / "o.zarr",
+                        "--force", *lists)
+    assert status == 2 and "already exists and is not a tractrain store" in err
+    assert (tmp_path / "o.zarr").is_dir()
