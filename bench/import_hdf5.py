@@ -12,8 +12,10 @@ docs/store-format.md, and the real file in tests/data/dwi_ml-a1ee02d), written h
 slab by slab (random volumes, random-walk streamlines) so that generating it is bounded in
 memory too; it is not made by dwi_ml (that would need dwi_ml's own venv and hours at this
 size). The import runs in a fresh interpreter (``python -m tractrain.bin.import_hdf5``); its
-peak RSS is ``ru_maxrss`` of that child. An idle child that only imports the same modules is
-measured as the floor. The claim checked: peak RSS below twice the largest subject's bytes.
+peak RSS is that child's ``VmHWM`` (``/proc/self/status``: since its exec, unlike
+``ru_maxrss``, which Linux carries over from the parent through fork and exec). A child that
+only imports the same modules is measured as the floor (Linux only). The claim checked: peak
+RSS below twice the largest subject's bytes.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def write_file(path: Path, subjects: int, shape: tuple[int, int, int], features:
             grp["offsets"] = np.arange(streamlines, dtype=np.int64) * points
             mm = grp.create_dataset("euclidean_lengths", shape=(streamlines,), dtype=np.float32)
             pts = grp.create_dataset("data", shape=(streamlines * points, 3), dtype=np.float32)
-            step = 100_000
+            step = 20_000
             for a in range(0, streamlines, step):
                 n = min(step, streamlines - a)
                 start = rng.uniform(5, np.asarray(shape) - 5, (n, 1, 3))
@@ -79,10 +81,11 @@ def child(args: list[str]) -> tuple[float, int]:
     """(seconds, peak RSS bytes) of running module ``args[0]`` with arguments ``args[1:]`` in
     a fresh process; exits if it fails."""
     start = time.perf_counter()
-    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; status = 0\n"
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; status = 0\n"
             "try:\n    runpy.run_module(sys.argv[0], run_name='__main__')\n"
             "except SystemExit as e:\n    status = e.code or 0\n"
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+            "print('RSS', hwm[0].split()[1], file=sys.stderr)\n"
             "sys.exit(status)")
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -259,6 +259,9 @@ def check_streamlines(grp: h5py.Group, where: str, max_bytes: int = MAX_ARRAY_BY
     n_points = ds["data"].shape[0]
     offsets = np.concatenate([starts, [n_points]])
     bad = np.flatnonzero((np.diff(offsets) != lengths) | (lengths < 1))
+    if n == 0 and n_points:
+        raise StoreError(f"{where}: offsets and lengths are inconsistent: no streamline but "
+                         f"{n_points} points")
     if (n and starts[0] != 0) or bad.size:
         at = int(bad[0]) if bad.size else 0
         raise StoreError(f"{where}: offsets and lengths are inconsistent at streamline {at} "
