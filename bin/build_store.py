@@ -13,26 +13,55 @@ def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="tractrain-build-store",
         description="Build a tractrain store (Zarr, format v1) from per-subject NIfTI volumes "
-        "and .trk/.tck/.trx tractograms described by a JSON config (see docs/store-format.md).",
+        "and .trk/.tck/.trx tractograms described by a JSON config (see docs/store-format.md), "
+        "or by dwi_ml's group config and subject lists (see docs/coming-from-dwi_ml.md).",
     )
-    parser.add_argument("config", help="JSON builder config ('groups' and 'subjects')")
+    parser.add_argument("config", help="JSON builder config ('groups' and 'subjects'), or "
+                        "dwi_ml's group config with --train/--valid/--test-subjects")
     parser.add_argument("out", help="output store folder, e.g. data.zarr")
     parser.add_argument("--root", help="folder holding one sub-folder per subject "
                         "(default: the config's folder)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it is a store (never anything else)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--allow-outside", action="store_true",
                         help="build even when more than 1%% of a subject's streamline points "
                         "lie outside their reference volume (config key 'allow_outside' per "
                         "streamline group)")
+    lists = parser.add_argument_group(
+        "dwi_ml config", "CONFIG may be dwi_ml's JSON group config (as for "
+        "dwiml_create_hdf5_dataset); its subjects then come from dwi_ml's subject-list files")
+    for split in ("train", "valid", "test"):
+        lists.add_argument(f"--{split}-subjects", metavar="FILE",
+                           help=f"{split} subject ids, separated by white space")
     return parser
 
 
+def _config(args: argparse.Namespace) -> dict:
+    from tractrain.data.build_config import read_json, validate_config
+    from tractrain.data.dwi_ml_config import is_dwi_ml_config, read_subject_list, translate
+    from tractrain.errors import ConfigError
+
+    raw = read_json(args.config)
+    flags = {split: getattr(args, f"{split}_subjects") for split in ("train", "valid", "test")}
+    if not is_dwi_ml_config(raw):
+        given = [f"--{k}-subjects" for k, v in flags.items() if v]
+        if given:
+            raise ConfigError(f"{given[0]}: subject-list files go with a dwi_ml group config; "
+                              f"{args.config} is a tractrain config (its 'subjects' key)")
+        return validate_config(raw, str(args.config))
+    missing = [f"--{k}-subjects" for k, v in flags.items() if not v]
+    if missing:
+        raise ConfigError(f"{args.config}: a dwi_ml group config needs its subject lists: "
+                          f"{', '.join(missing)} FILE missing")
+    subjects = {k: read_subject_list(v, f"--{k}-subjects") for k, v in flags.items()}
+    return translate(raw, subjects, str(args.config))
+
+
 def build(args: argparse.Namespace) -> int:
-    from tractrain.data.build_config import load_config
     from tractrain.data.builder import build_store
 
-    config = load_config(args.config)
+    config = _config(args)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent
     out = build_store(config, args.out, root, force=args.force, progress=not args.quiet,
                       config_path=str(args.config), allow_outside=args.allow_outside)

@@ -6,11 +6,13 @@ Config (JSON), file patterns relative to ``<root>/<subject>/`` (``*`` wildcards 
         "dwi": {"type": "volume", "files": ["dwi.nii.gz"], "standardization": "independent",
                 "mask": "mask.nii.gz", "dtype": "float32"},
         "bundles": {"type": "streamlines", "files": ["*.trk"], "reference": "dwi.nii.gz",
-                    "step_size": 1.0}},
+                    "step_size": 1.0, "dps_keys": ["bundle"]}},
      "subjects": {"train": ["sub-01", "sub-02"], "valid": ["sub-03"], "test": []}}
 
-Errors are `ConfigError` naming the key and what was expected (with a suggestion for a
-misspelt key). `tractrain.data.builder.build_store` builds the store a config describes.
+``dps_keys`` (optional) keeps only these data-per-streamline keys (default: every key all
+files of the group have). Errors are `ConfigError` naming the key and what was expected (with
+a suggestion for a misspelt key). `tractrain.data.builder.build_store` builds the store a
+config describes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from tractrain.errors import ConfigError
 
 STANDARDIZATION = ("all", "independent", "per_file", "none")
 VOLUME_KEYS = {"type", "files", "standardization", "mask", "dtype"}
-STREAMLINE_KEYS = {"type", "files", "reference", "step_size", "compress", "allow_outside"}
+STREAMLINE_KEYS = {"type", "files", "reference", "step_size", "compress", "dps_keys",
+                   "allow_outside"}
 DTYPES = ("float32", "float16")
 
 
@@ -37,6 +40,11 @@ def _suggest(name: str, choices) -> str:
 
 def load_config(path: str | os.PathLike) -> dict:
     """Read and validate a JSON builder config; raise `ConfigError` naming the problem."""
+    return validate_config(read_json(path), str(path))
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON document in ``path``; `ConfigError` if missing, not UTF-8 or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -47,7 +55,7 @@ def load_config(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} "
                           f"column {err.colno})") from None
-    return validate_config(config, str(path))
+    return config
 
 
 def validate_config(config, where: str = "config") -> dict:
@@ -96,6 +104,10 @@ def validate_config(config, where: str = "config") -> dict:
                     raise ConfigError(f"{at}.{key}: expected a positive number (mm), got {value!r}")
             if not isinstance(group.get("allow_outside", False), bool):
                 raise ConfigError(f"{at}.allow_outside: expected true or false")
+            keys = group.get("dps_keys")
+            if keys is not None and (not isinstance(keys, list) or not all(
+                    isinstance(k, str) for k in keys)):
+                raise ConfigError(f"{at}.dps_keys: expected a list of data-per-streamline names")
             if group.get("step_size") and group.get("compress"):
                 raise ConfigError(f"{at}: set either 'step_size' or 'compress', not both")
     subjects = config["subjects"]

@@ -14,12 +14,10 @@ interrupted build never leaves a half store at the output path.
 
 from __future__ import annotations
 
-import datetime as _dt
 import glob
 import json
 import mmap
 import os
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -30,14 +28,18 @@ import zarr
 from tqdm import tqdm
 
 from tractrain.data.build_config import validate_config
-from tractrain.data.format import ALL_CHUNKS_ATTR, FORMAT_NAME, FORMAT_VERSION, SPLITS
+from tractrain.data.format import SPLITS
 from tractrain.data.space_check import check_files_inside, check_trk_voxel_order
+from tractrain.data.store_writer import (
+    check_replaceable,
+    finish_store,
+    staged_store,
+    volume_array,
+    write_streamlines,
+)
 from tractrain.errors import ConfigError
 
 STD_FLOOR = 1e-6
-# every chunk is written, even all-zero ones (zarr skips those by default), so that a lost
-# chunk is detected rather than read as the fill value
-ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def _match(folder: Path, pattern: str, what: str) -> list[Path]:
@@ -247,6 +249,12 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
             dps_parts.append(dps)
     points, lengths = np.concatenate(all_points), np.concatenate(all_lengths)
     keys = set.intersection(*(set(d) for d in dps_parts)) if dps_parts else set()
+    if group.get("dps_keys") is not None:  # keep only these; every file must have them
+        missing = sorted(set(group["dps_keys"]) - keys)
+        if missing:
+            raise ConfigError(f"{folder}: streamline group {name!r}: data-per-streamline "
+                              f"{missing} (dps_keys) missing in some of its files")
+        keys = set(group["dps_keys"])
     dps = {k: np.concatenate([d[k] for d in dps_parts]) for k in sorted(keys)}
     if group.get("step_size") or group.get("compress"):
         from tractrain.data import augment
@@ -288,36 +296,21 @@ def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, m
             if seen["feature_names"] != names:
                 raise ConfigError(f"{folder}: volume group {name!r} has features {names}, other "
                                   f"subjects have {seen['feature_names']}")
-            chunks = tuple(min(32, s) for s in data.shape[:3]) + (data.shape[3],)
-            arr = grp.create_array(name, shape=data.shape, dtype=group["dtype"], chunks=chunks,
-                                   config=ALL_CHUNKS)
-            arr[...] = data.astype(group["dtype"])
-            arr.attrs.update({
+            arr = volume_array(grp, name, data.shape, group["dtype"], {
                 "affine": np.asarray(affine).tolist(),
                 "voxel_sizes": nib.affines.voxel_sizes(affine).tolist(),
                 "feature_names": names,
                 "standardization": {"mode": group["standardization"], "means": means,
                                     "stds": stds, "mask": group.get("mask")},
             })
+            arr[...] = data.astype(group["dtype"])
         else:
             points, lengths, mm, dps, info = _read_streamline_group(folder, name, group)
             seen = meta["streamline_groups"].setdefault(name, {"dps_keys": info["dps_keys"]})
             if seen["dps_keys"] != info["dps_keys"]:
                 raise ConfigError(f"{folder}: streamline group {name!r} has data-per-streamline "
                                   f"{info['dps_keys']}, other subjects have {seen['dps_keys']}")
-            sgrp = grp.create_group(name)
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            for key, value in (("points", points), ("offsets", offsets),
-                               ("lengths", lengths.astype(np.int64)), ("lengths_mm", mm)):
-                chunks = (min(2**16, max(1, value.shape[0])),) + value.shape[1:]
-                arr = sgrp.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks,
-                                        config=ALL_CHUNKS)
-                arr[...] = value
-            for key, value in dps.items():
-                arr = sgrp.create_array(f"dps/{key}", shape=value.shape, dtype=value.dtype,
-                                        config=ALL_CHUNKS)
-                arr[...] = value
-            sgrp.attrs.update(info)
+            write_streamlines(grp, name, points, lengths, mm, dps, info)
 
 
 def build_store(
@@ -336,59 +329,26 @@ def build_store(
     volume (more than 1 %) is refused unless ``allow_outside`` (or the group's
     ``allow_outside`` key; `tractrain.data.space_check`).
     """
-    from tractrain import __version__
-
     where = config_path or "config"
     config = validate_config(json.loads(json.dumps(config)), where)
     for group in config["groups"].values():  # recorded in the provenance
         if allow_outside and group["type"] == "streamlines":
             group["allow_outside"] = True
     out, root = Path(out), Path(root)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists (use --force to overwrite it)")
+    check_replaceable(out, force)
     subjects = [s for split in SPLITS for s in config["subjects"].get(split, [])]
     for subject in subjects:
         if not (root / subject).is_dir():
             split = next(k for k, v in config["subjects"].items() if subject in v)
             raise ConfigError(f"{where}: subject {subject!r} (split {split!r}) has no folder "
                               f"{root / subject}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     meta = {"volume_groups": {}, "streamline_groups": {}}
-    try:
-        zroot = zarr.open_group(str(tmp), mode="w")
+    with staged_store(out, force) as zroot:
         bar = tqdm(subjects, desc="build-store", unit="subject", disable=not progress,
                    file=sys.stderr)
         for subject in bar:
             bar.set_postfix_str(subject)
             _write_subject(zroot, subject, root / subject, config, meta)
-        zroot.attrs.update({
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "subjects": subjects,
-            "splits": {k: list(config["subjects"].get(k, [])) for k in SPLITS},
-            "volume_groups": meta["volume_groups"],
-            "streamline_groups": meta["streamline_groups"],
-            ALL_CHUNKS_ATTR: True,
-            "provenance": {
-                "tool": f"tractrain {__version__}",
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "config": config,
-                "config_path": config_path,
-                "root": str(root.resolve()),
-                "zarr": zarr.__version__,
-            },
-        })
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        finish_store(zroot, subjects, config["subjects"], meta, {
+            "config": config, "config_path": config_path, "root": str(root.resolve())})
     return out

@@ -3,7 +3,8 @@ reference volume, and a ``.trk``'s ``voxel_order`` must agree with its ``vox_to_
 
 Both catch the classic tractography data bug (a wrong reference, LPS vs RAS, a shifted header)
 where it is made, at build or import time, instead of letting a model train on inputs that are
-all zeros. Used by `tractrain.data.builder` and meant for `tractrain.data.import_hdf5`.
+all zeros. Used by `tractrain.data.builder` and, batch by batch (`StreamedInsideCheck`), by
+`tractrain.data.import_hdf5`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,33 @@ def check_inside(points_vox: np.ndarray, shape: Sequence[int], subject: str,
             f"{n}) lie outside the reference volume{ref} ({dims} voxels; tolerance "
             f"{100 * tolerance:g}%): {CAUSES}; pass {override} to accept it anyway")
     return share
+
+
+class StreamedInsideCheck:
+    """`check_inside` for points that arrive in batches (the HDF5 importer's ``check_points``):
+    ``check(subject, group, points_vox, dims)`` per batch counts the points outside; the call
+    with ``points_vox=None`` at the group's end raises as `check_inside` would."""
+
+    def __init__(self, source: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE,
+                 override: str = "--allow-outside") -> None:
+        self.source, self.tolerance, self.override = source, tolerance, override
+        self.counts = [0, 0]  # outside, total of the group under way
+
+    def __call__(self, subject: str, group: str, points_vox: np.ndarray | None,
+                 dims: Sequence[int]) -> None:
+        if points_vox is not None:
+            self.counts[0] += outside_count(points_vox, dims)
+            self.counts[1] += int(np.asarray(points_vox).reshape(-1, 3).shape[0])
+            return
+        (out, n), self.counts = self.counts, [0, 0]
+        share = out / n if n else 0.0
+        if share > self.tolerance:
+            dims_text = "x".join(str(int(d)) for d in dims[:3])
+            raise StoreError(
+                f"subject {subject}: {self.source} group {group}: {100 * share:.1f}% of "
+                f"streamline points ({out} of {n}) lie outside the reference volume "
+                f"({dims_text} voxels; tolerance {100 * self.tolerance:g}%): {CAUSES}; pass "
+                f"{self.override} to accept it anyway")
 
 
 def check_files_inside(points_vox: np.ndarray, lengths: np.ndarray,

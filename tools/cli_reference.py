@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "resume", "plot_logs", "build_store", "store_info", "make_phantom", "track",
-            "eval")
+COMMANDS = ("train", "resume", "plot_logs", "build_store", "import_hdf5", "store_info",
+            "make_phantom", "track", "eval")
 ROOT = Path(__file__).resolve().parents[1]
 
 
