@@ -31,16 +31,25 @@ class Choice(NamedTuple):
         """``value`` (a string, or for ``many`` a comma list or a sequence of strings) if every
         item is one of the values, as a string (a list joined by commas, ``none`` = ``""``);
         ValueError naming the first item that is not, with the closest value as a suggestion."""
-        items = list(value) if self.many and isinstance(value, list | tuple) else [value]
+        raw = list(value) if self.many and isinstance(value, list | tuple) else [value]
+        items = [self._text(item) for item in raw]
         if self.many:
             items = [part.strip() for item in items for part in str(item).split(",")]
             items = [part for part in items if part]
             if items == ["none"]:  # an explicit empty list
                 return ""
         for item in items:
-            if not isinstance(item, str) or item not in self.values:
+            if item not in self.values:
                 raise ValueError(not_one_of(item, self.values))
         return ",".join(dict.fromkeys(items)) if self.many else items[0]
+
+    def _text(self, item: Any) -> str:
+        """A config file's scalar as text: ``32`` is ``"32"``; a YAML boolean (unquoted
+        ``off``/``no``/``false``) is the value among off/false/no (on/true/yes) that is listed."""
+        if isinstance(item, bool):
+            words = ("on", "true", "yes") if item else ("off", "false", "no")
+            return next((w for w in words if w in self.values), str(item).lower())
+        return item.strip() if isinstance(item, str) else str(item)
 
 
 def closest(value: object, values: Iterable[str]) -> str | None:

@@ -251,7 +251,7 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_flag(parser, name: str, help: str | None = None) -> None:
+def add_flag(parser, name: str, help: str | None = None, metavar: str | None = None) -> None:
     """``--flag`` of option ``name`` (default None: 'not given'; converted by `resolve`):
     ``--x/--no-x`` for a boolean, the values as metavar for a choice. ``help`` replaces the
     table's text; the default is shown once (unless the text already states it)."""
@@ -263,8 +263,9 @@ def add_flag(parser, name: str, help: str | None = None) -> None:
     if kind is bool:
         parser.add_argument(flag_of(name), dest=name, default=None, action=BoolFlag, help=help)
         return
-    metavar = (choice.metavar(none=default is None) if choice is not None
-               else {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE"))
+    if metavar is None:
+        metavar = (choice.metavar(none=default is None) if choice is not None
+                   else {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE"))
     parser.add_argument(flag_of(name), dest=name, default=None, metavar=metavar, help=help)
 
 

@@ -36,7 +36,7 @@ def make_parser() -> ArgumentParser:
     )
     parser.add_argument("experiment", help="experiment folder written by tractrain-train")
     for name, text in OVERRIDES.items():  # converted like tractrain-train's flags
-        add_flag(parser, name, help=text)
+        add_flag(parser, name, help=text, metavar={"store": "PATH", "device": "DEV"}.get(name))
     add_verbosity_flags(parser)
     add_trust_flags(parser, loss=True)
     return parser

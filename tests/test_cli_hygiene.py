@@ -81,6 +81,8 @@ def test_comma_list_choices():
                                          "'tensorboard'"):
         trackers.check("csv,tensorbord")
     assert CHOICES["precision"].check("bf16-mixed") == "bf16-mixed"
+    assert CHOICES["precision"].check(32) == "32"  # YAML's "precision: 32"
+    assert CHOICES["comet"].check(False) == "off"  # YAML's unquoted "comet: off"
     with pytest.raises(ValueError, match="did you mean 'bf16-mixed'"):
         CHOICES["precision"].check("bf16_mixed")
 
