@@ -67,31 +67,53 @@ def not_one_of(value: object, values: Sequence[str]) -> str:
     return f"{value!r} is not one of {', '.join(map(str, values))}{hint}"
 
 
-class BoolFlag(argparse.Action):
-    """``--x`` (true), ``--no-x`` (false) or ``--x VALUE`` (kept as given, for the option
-    table's converter: ``true``/``false``/``yes``/``no``/``on``/``off``/``1``/``0``)."""
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
-        negative = ["--no-" + flag[2:] for flag in option_strings if flag.startswith("--")]
+
+def parse_bool(text: object) -> bool:
+    """``true``/``yes``/``on``/``1`` or ``false``/``no``/``off``/``0`` (any case)."""
+    value = str(text).strip().lower()
+    if value in TRUE_WORDS or value in FALSE_WORDS:
+        return value in TRUE_WORDS
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+class BoolFlag(argparse.Action):
+    """``--x`` or ``--x VALUE`` (true/false, yes/no, on/off, 1/0); `add_bool_flag` adds the
+    matching ``--no-x``."""
+
+    def __init__(self, option_strings: list[str], dest: str, negative: str | None = None,
+                 **kwargs) -> None:
         kwargs.update(nargs="?", const=None)
         kwargs.setdefault("metavar", "BOOL")
-        super().__init__([*option_strings, *negative], dest, **kwargs)
+        super().__init__(option_strings, dest, **kwargs)
+        self.negative = negative  # shown beside it in --help
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if option_string is not None and option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value (got {values!r})")
-            setattr(namespace, self.dest, False)
-        else:
-            setattr(namespace, self.dest, True if values is None else values)
+        try:
+            value = True if values is None else parse_bool(values)
+        except ValueError as err:  # often a positional argument taken as the value
+            parser.error(f"{option_string}: {err} (a positional argument goes before "
+                         f"{option_string}, or write {option_string} true)")
+        setattr(namespace, self.dest, value)
+
+
+def add_bool_flag(parser, flag: str, dest: str, **kwargs) -> None:
+    """``--x [BOOL]`` and ``--no-x`` (no value, so it never takes the next argument) setting
+    ``dest`` to True/False (default None: not given)."""
+    negative = "--no-" + flag[2:]
+    parser.add_argument(flag, dest=dest, default=None, action=BoolFlag, negative=negative,
+                        **kwargs)
+    parser.add_argument(negative, dest=dest, default=None, action="store_const", const=False,
+                        help=argparse.SUPPRESS)
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Shows a `BoolFlag` as ``--x [BOOL], --no-x`` (not ``--no-x [BOOL]``)."""
+    """Shows a `BoolFlag` as ``--x [BOOL], --no-x`` (its ``--no-x`` has no help line)."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if isinstance(action, BoolFlag):
-            positive = [f for f in action.option_strings if not f.startswith("--no-")]
-            negative = [f for f in action.option_strings if f.startswith("--no-")]
-            return ", ".join([f"{f} [{action.metavar}]" for f in positive] + negative)
+            flags = [f"{f} [{action.metavar}]" for f in action.option_strings]
+            return ", ".join(flags + ([action.negative] if action.negative else []))
         return super()._format_action_invocation(action)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tractrain.bin.common import suggest
-from tractrain.bin.flags import BoolFlag, Choice, closest
+from tractrain.bin.flags import Choice, add_bool_flag, closest, parse_bool
 from tractrain.documents import load_mapping
 from tractrain.errors import ConfigError
 
@@ -167,15 +167,6 @@ def defaults() -> dict:
             for name, (d, _, _) in OPTIONS.items()}
 
 
-def parse_bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
 def choice_of(name: str) -> Choice | None:
     """The `Choice` of option ``name`` (None for a free-form or non-string option)."""
     return CHOICES.get(name) if name in OPTIONS and OPTIONS[name][1] is str else None
@@ -261,7 +252,7 @@ def add_flag(parser, name: str, help: str | None = None, metavar: str | None = N
         help = text if "default" in text else f"{text} (default: {shown})"
     choice = choice_of(name)
     if kind is bool:
-        parser.add_argument(flag_of(name), dest=name, default=None, action=BoolFlag, help=help)
+        add_bool_flag(parser, flag_of(name), name, help=help)
         return
     if metavar is None:
         metavar = (choice.metavar(none=default is None) if choice is not None

@@ -135,13 +135,15 @@ def test_every_boolean_option_has_its_no_form(tmp_path, capsys):
     from tractrain.bin.resume import make_parser as resume_parser
 
     assert resume_parser().parse_args(["exp", "--no-progress"]).progress is False
-    path = tmp_path / "run.yaml"
-    path.write_text("lazy: no\namp: 'on'\n")  # config-file booleans, YAML's and strings
-    assert read_config_file(path) == {"lazy": False, "amp": True}
+    config = tmp_path / "run.yaml"
+    args = parser.parse_args(["--no-lazy", str(config)])  # --no-x never takes the next one
+    assert args.lazy is False and args.config == str(config)
+    config.write_text("lazy: no\namp: 'on'\n")  # config-file booleans, YAML's and strings
+    assert read_config_file(config) == {"lazy": False, "amp": True}
     with pytest.raises(SystemExit) as exit_:
-        parser.parse_args(["--no-amp", "false"])
+        parser.parse_args(["--amp", "maybe"])
     assert exit_.value.code == 2
-    assert "--no-amp takes no value" in capsys.readouterr().err
+    assert "--amp: expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -176,8 +178,9 @@ def test_parse_time_errors_exit_2_fast_without_the_store_or_torch(tmp_path):
     """In a fresh process: exit 2 in under 2 s, the choice (not the missing store) reported,
     torch and zarr never imported, nothing written."""
     missing = tmp_path / "missing.zarr"
-    code = ("import sys; from tractrain.bin.train import main; status = main(sys.argv[1:]); "
-            "print(sorted({'torch', 'zarr'} & set(sys.modules))); sys.exit(status)")
+    code = ("import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'zarr'} & "
+            "set(sys.modules)))); from tractrain.bin.train import main; "
+            "sys.exit(main(sys.argv[1:]))")
     for argv in (["--optimizer", "adamw2"], ["--monitor", "valid_los"],
                  ["--amp", "maybe"], ["--trackers" if "trackers" in OPTIONS else "--outside",
                                       "csvv"]):
