@@ -9,19 +9,20 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
-from tractrain.bin.options import add_flag, convert, flag_of
+from tractrain.bin.options import OPTIONS, add_flag, convert, flag_of
 from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
-# Options a resume may change (the recorded value otherwise), with their help here.
-OVERRIDES = {
+OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
+             "log_every")
+# Their help here (else the option table's, the recorded value being the default).
+HELP = {
     "max_epochs": "new total number of epochs (extends a finished run)",
     "patience": "new patience (extends a stopped run)",
     "store": "the store, if it moved",
     "num_workers": "DataLoader workers (does not change the batches)",
     "device": "cpu | cuda | cuda:N | auto",
     "progress": "progress bars on/off",
-    "log_every": "with -v, log the training loss every N iterations",
 }
 
 
@@ -35,8 +36,9 @@ def make_parser() -> ArgumentParser:
         "scratch with its recorded config.",
     )
     parser.add_argument("experiment", help="experiment folder written by tractrain-train")
-    for name, text in OVERRIDES.items():  # converted like tractrain-train's flags
-        add_flag(parser, name, help=text, metavar={"store": "PATH", "device": "DEV"}.get(name))
+    for name in OVERRIDES:  # converted like tractrain-train's flags
+        add_flag(parser, name, help=HELP.get(name, f"{OPTIONS[name][2]} (default: as recorded)"),
+                 metavar={"store": "PATH", "device": "DEV"}.get(name))
     add_verbosity_flags(parser)
     add_trust_flags(parser, loss=True)
     return parser
