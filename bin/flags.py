@@ -22,7 +22,7 @@ class Choice(NamedTuple):
     many: bool = False
 
     def metavar(self, none: bool = False) -> str:
-        """``{a,b,c}`` (argparse's style), ``{a,b,c}[,...]`` for a list; ``none`` listed first
+        """``{a,b,c}`` (argparse's style), ``{a,b,c},...`` for a list; ``none`` listed first
         when the option may be unset."""
         values = ",".join((("none",) if none else ()) + self.values)
         return "{" + values + "}" + (",..." if self.many else "")
