@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
+from tractrain import __version__
+from tractrain.bin.flags import HelpFormatter, not_one_of
 from tractrain.errors import TractrainError
 from tractrain.log import configure
 
@@ -44,23 +46,36 @@ def one_line(message: object) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """`argparse.ArgumentParser` whose errors are one line, with a ``--debug`` flag.
+    """`argparse.ArgumentParser` whose errors are one line, with ``--debug`` and ``--version``.
 
-    Unknown flags get the closest known flag as a suggestion; abbreviated long flags are not
-    accepted (``--max-epoch`` is an unknown flag, not ``--max-epochs``).
+    Unknown flags and values outside a flag's ``choices`` get the closest known one as a
+    suggestion; abbreviated long flags are not accepted (``--max-epoch`` is an unknown flag,
+    not ``--max-epochs``). Pass ``prog`` (the installed name, ``tractrain-...``): usage lines,
+    errors and ``--version`` then name the command the same way however it was started.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         if "--debug" not in self._option_string_actions:
             self.add_argument(
                 "--debug", action="store_true", help="show the full traceback on errors"
             )
+        if "--version" not in self._option_string_actions:
+            self.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                              help="print the command's name and tractrain's version, and exit")
 
     def error(self, message: str) -> NoReturn:
-        """Print ``<prog>: error: <message>`` on one line to stderr and exit with status 2."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+        """Print ``<prog>: error: <message>`` on one line to stderr and exit with status 2
+        (argparse's ``argument --flag: ...`` is shortened to ``--flag: ...``)."""
+        message = re.sub(r"^argument (-[^:]*): ", r"\1: ", one_line(message))
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        """A value outside ``choices``: the choices and the closest one (argparse hook)."""
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, not_one_of(value, list(action.choices)))
 
     def _flags(self) -> list[str]:
         return [flag for flag in self._option_string_actions if flag.startswith("-")]

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from tractrain.atomic import atomic_write_bytes
-from tractrain.bin.common import suggest
-from tractrain.bin.options import DEMO_LOSS, DEMO_MODEL, DEMO_MODEL_CONFIG
+from tractrain.bin.options import DEMO_LOSS, DEMO_MODEL, DEMO_MODEL_CONFIG, check_monitor
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.dataloader import make_dataloader
@@ -109,9 +108,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-METRICS = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm",
-           "unclipped_grad_norm_max", "lr", "epoch_time", "data_wait_share", "batches_per_s")
-GEN_METRICS = ("gen_endpoint_dist", "gen_within", "gen_length")
 MAX_NEIGHBORHOOD_POINTS = 10_000
 
 
@@ -121,11 +117,7 @@ def check_options(config: dict) -> None:
         raise ConfigError(f"max_epochs: expected >= 1, got {config['max_epochs']}")
     parse_lr_schedule(config["lr"])
     lr_for_epoch(config["lr"], 1)
-    known = METRICS + (GEN_METRICS if config.get("gen_every") else ())
-    monitor = config.get("monitor")
-    if monitor is not None and monitor not in known:
-        raise ConfigError(f"--monitor {monitor!r}: not a logged metric; expected one of "
-                          f"{', '.join(known)}{suggest(monitor, known)}")
+    check_monitor(config)
     points = neighborhood_size(input_config(config))
     if points > MAX_NEIGHBORHOOD_POINTS:
         raise ConfigError(
@@ -163,6 +155,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         if rank == 0:
             print(f"validation: {valid_coverage(store, group, valid_loader.sampler)}",
                   flush=True)
+    check_monitor(config, has_valid=valid_loader is not None)  # before the first epoch
     first = store.splits["train"][0]
     n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
                                   inputs, store.volume_info(first, inputs.volume_group)

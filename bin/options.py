@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tractrain.bin.common import suggest
+from tractrain.bin.flags import Choice, add_bool_flag, closest, parse_bool
 from tractrain.documents import load_mapping
 from tractrain.errors import ConfigError
 
@@ -44,7 +45,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "max_epochs": (8, int, "number of epochs"),
     # sampler
     "batch_size": (4000.0, float, "batch budget, in batch_units"),
-    "batch_units": ("points", str, "streamlines | points | length_mm"),
+    "batch_units": ("points", str, "unit of --batch-size"),
     "subjects_per_batch": (None, int, "subjects per batch (default: all)"),
     "cycles": (1, int, "batches drawn from the same subjects before changing them"),
     "max_batches_train": (None, int, "cap on training batches per epoch"),
@@ -62,30 +63,31 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "noise_mm": (0.0, float, "std of gaussian noise on training coordinates (mm)"),
     "noise_truncation": (2.0, float, "noise truncated at this many stds"),
     "volume_group": ("dwi", str, "volume group interpolated as inputs"),
-    "neighborhood": (None, str, "none | axes | grid: also sample around each point"),
+    "neighborhood": (None, str, "also sample around each point: on the 3 axes or a grid"),
     "radius_mm": (0.0, float, "neighbourhood radius (mm)"),
     "resolution_mm": (None, float, "neighbourhood spacing (mm), default: radius"),
-    "outside": ("zeros", str, "points outside the volume: zeros | clamp"),
+    "outside": ("zeros", str, "inputs of points outside the volume: zeros, or the nearest "
+                              "voxel's (clamp)"),
     "allow_zero_inputs": (False, bool, "train even when more than half of the first training "
                                        "batch's points have all-zero inputs (streamlines "
                                        "outside their volume?)"),
     "interpolate": ("workers", str, "interpolate inputs in the DataLoader workers (CPU) or on "
-                                    "the training device: workers | device"),
+                                    "the training device"),
     "num_workers": (0, int, "DataLoader worker processes"),
     "lazy": (True, bool, "read volumes on demand (byte-budget cache) instead of up front"),
     "cache_gb": (2.0, float, "lazy volume cache budget (GiB)"),
     # optimisation
-    "optimizer": ("adam", str, "adam | adamw | sgd | radam"),
+    "optimizer": ("adam", str, "torch.optim optimizer"),
     "lr": ("0.003*4 0.001", str, "learning rate or per-epoch schedule, e.g. '1e-3*3 1e-4'"),
     "weight_decay": (0.0, float, "weight decay"),
     "clip_grad_norm": (None, float, "clip the total gradient norm to this value"),
-    "nan_policy": ("stop", str, "non-finite loss or gradient: stop | skip"),
+    "nan_policy": ("stop", str, "non-finite loss or gradient: stop the run or skip the "
+                                "batch"),
     "patience": (None, int, "stop after this many epochs without improvement"),
     "min_delta": (0.0, float, "smallest decrease that counts as an improvement"),
     "monitor": (None, str, "metric for best model/patience (default: valid_loss, else "
                            "train_loss)"),
-    "monitor_mode": ("min", str, "min | max: whether a lower or higher monitored value is "
-                                 "better"),
+    "monitor_mode": ("min", str, "whether a lower or higher monitored value is better"),
     "gen_every": (None, int, "track from validation seeds every N epochs and log "
                              "gen_endpoint_dist, gen_within, gen_length (default: off)"),
     "gen_streamlines": (100, int, "validation streamlines tracked by the generation check"),
@@ -103,6 +105,27 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
     "log_every": (50, int, "with -v, log the training loss every N iterations"),
 }
+
+# Options with a fixed set of values, checked with a suggestion when the options are resolved
+# (before the store is opened). An entry applies while its option is a string option (kind str);
+# comet, trackers and precision are declared for the options of the logging/trackers work.
+CHOICES: dict[str, Choice] = {
+    "batch_units": Choice(("streamlines", "points", "length_mm")),
+    "neighborhood": Choice(("axes", "grid")),  # or none
+    "outside": Choice(("zeros", "clamp")),
+    "interpolate": Choice(("workers", "device")),
+    "optimizer": Choice(("adam", "adamw", "sgd", "radam")),
+    "nan_policy": Choice(("stop", "skip")),
+    "monitor_mode": Choice(("min", "max")),
+    "comet": Choice(("off", "offline", "online", "auto")),
+    "trackers": Choice(("csv", "tensorboard", "mlflow", "wandb", "comet"), many=True),
+    "precision": Choice(("32", "16-mixed", "bf16-mixed")),
+}
+
+# What the built-in hooks log each epoch (--monitor picks one of them).
+METRICS = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm",
+           "unclipped_grad_norm_max", "lr", "epoch_time", "data_wait_share", "batches_per_s")
+GEN_METRICS = ("gen_endpoint_dist", "gen_within", "gen_length")  # with gen_every
 
 # name: (lowest, highest, lowest excluded): checked at parse time for numeric options.
 BIG = 10**9
@@ -147,13 +170,9 @@ def defaults() -> dict:
             for name, (d, _, _) in OPTIONS.items()}
 
 
-def parse_bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
+def choice_of(name: str) -> Choice | None:
+    """The `Choice` of option ``name`` (None for a free-form or non-string option)."""
+    return CHOICES.get(name) if name in OPTIONS and OPTIONS[name][1] is str else None
 
 
 def convert(name: str, value: Any, where: str) -> Any:
@@ -161,6 +180,14 @@ def convert(name: str, value: Any, where: str) -> Any:
     if name not in OPTIONS:
         raise ConfigError(f"{where}: unknown option {name!r}{suggest(name, OPTIONS)}")
     default, kind, _ = OPTIONS[name]
+    choice = choice_of(name)
+    if choice is not None and value is not None and not (
+            default is None and str(value).strip().lower() in NONE_WORDS):
+        try:
+            return choice.check(value)
+        except ValueError as err:  # "--optimizer: ..." or "run.yaml: optimizer: ..."
+            field = "" if where == flag_of(name) else f" {name}:"
+            raise ConfigError(f"{where}:{field} {err}") from None
     if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS
                          and kind is not str):
         return None
@@ -214,27 +241,62 @@ def read_config_file(path: str | Path) -> dict:
     return {key: convert(key, value, str(path)) for key, value in flat.items()}
 
 
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flag(parser, name: str, help: str | None = None, metavar: str | None = None) -> None:
+    """``--flag`` of option ``name`` (default None: 'not given'; converted by `resolve`):
+    ``--x/--no-x`` for a boolean, the values as metavar for a choice. ``help`` replaces the
+    table's text; the default is shown once (unless the text already states it)."""
+    default, kind, text = OPTIONS[name]
+    if help is None:
+        shown = "none" if default is None else str(default).lower() if kind is bool else default
+        help = text if "default" in text else f"{text} (default: {shown})"
+    choice = choice_of(name)
+    if kind is bool:
+        add_bool_flag(parser, flag_of(name), name, help=help)
+        return
+    if metavar is None:
+        metavar = (choice.metavar(none=default is None) if choice is not None
+                   else {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE"))
+    parser.add_argument(flag_of(name), dest=name, default=None, metavar=metavar, help=help)
+
+
 def add_option_flags(parser) -> None:
-    """One ``--flag`` per option (default None: 'not given'), grouped by section."""
+    """One ``--flag`` per option, grouped by section (see `add_flag`)."""
     for section, names in SECTIONS.items():
         group = parser.add_argument_group(section)
         for name in names:
-            default, kind, text = OPTIONS[name]
-            flag = "--" + name.replace("_", "-")
-            shown = "none" if default is None else default
-            group.add_argument(flag, dest=name, default=None, metavar=_metavar(kind),
-                               help=f"{text} (default: {shown})")
+            add_flag(group, name)
 
 
-def _metavar(kind) -> str:
-    return {int: "N", float: "X", bool: "BOOL", str: "TEXT"}.get(kind, "VALUE")
+def check_monitor(config: dict, where: str = "--monitor", has_valid: bool = True) -> None:
+    """ConfigError unless ``config["monitor"]`` is unset or a metric the configured hooks log
+    (``has_valid``: whether the run validates, known once the store is open)."""
+    monitor = config.get("monitor")
+    known = tuple(m for m in METRICS if has_valid or m != "valid_loss")
+    known += GEN_METRICS if config.get("gen_every") and has_valid else ()
+    if monitor is None or monitor in known:
+        return
+    if monitor == "valid_loss" or (monitor in GEN_METRICS and not has_valid):
+        raise ConfigError(f"{where}: {monitor!r} needs a validation split; the store has no "
+                          "valid subjects (monitor train_loss)")
+    if monitor in GEN_METRICS:
+        raise ConfigError(f"{where}: {monitor!r} is logged only with --gen-every N")
+    match = closest(monitor, known)
+    hint = f"; did you mean {match!r}?" if match is not None else ""
+    raise ConfigError(f"{where}: {monitor!r} is not a metric this run logs "
+                      f"({', '.join(known)}){hint}")
 
 
-def resolve(file_options: dict, flags: dict) -> dict:
-    """Defaults, then the config file, then the flags given on the command line."""
+def resolve(file_options: dict, flags: dict, source: str = "config file") -> dict:
+    """Defaults, then the config file (``source``), then the flags given on the command line;
+    ``monitor`` is checked against the metrics the configured hooks log."""
     config = defaults()
     config.update(file_options)
-    for name, value in flags.items():
-        if value is not None and name in OPTIONS:
-            config[name] = convert(name, value, "--" + name.replace("_", "-"))
+    given = [name for name, value in flags.items() if value is not None and name in OPTIONS]
+    for name in given:
+        config[name] = convert(name, flags[name], flag_of(name))
+    check_monitor(config, "--monitor" if "monitor" in given else f"{source}: monitor")
     return config

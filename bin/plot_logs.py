@@ -1,4 +1,4 @@
-"""``plot-logs EXPERIMENT [EXPERIMENT ...]``: plot the per-epoch logs of experiments in one PNG.
+"""``tractrain-plot-logs EXPERIMENT [EXPERIMENT ...]``: plot the per-epoch logs of experiments.
 
 Reads ``<exp>/logs/<metric>.npy`` (one value per epoch, epochs 1..n) and ``<exp>/best_epoch.json``.
 Default panels: loss (train_loss, valid_loss), gradient norm (grad_norm, unclipped_grad_norm),
@@ -15,15 +15,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from tractrain.atomic import atomic_write_bytes
 from tractrain.bin.common import ArgumentParser, run, suggest
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, read_best_epoch, read_logs
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_METRICS = ("train_loss", "valid_loss", "grad_norm", "unclipped_grad_norm", "lr")
 PANEL_TITLES = {"loss": "loss", "grad_norm": "gradient norm", "lr": "learning rate"}
@@ -144,6 +146,9 @@ def plot_logs(
     ``"<experiment>/best_epoch"``) on the panel of its metric (else the loss panel), with a
     marker at its value.
     """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     loaded = _load(experiments)
     chosen = _choose_metrics(loaded, metrics, DEFAULT_METRICS)
     panels: dict[str, list[str]] = {}
@@ -188,7 +193,7 @@ def _check_output(path: Path, flag: str) -> None:
 
 def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="plot-logs",
+        prog="tractrain-plot-logs",
         description="Plot the per-epoch logs (<exp>/logs/<metric>.npy) of one or several "
         "experiments in one PNG.",
     )

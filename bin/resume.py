@@ -9,12 +9,21 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
-from tractrain.bin.options import convert
+from tractrain.bin.options import OPTIONS, add_flag, convert, flag_of
 from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
              "log_every")
+# Their help here (else the option table's, the recorded value being the default).
+HELP = {
+    "max_epochs": "new total number of epochs (extends a finished run)",
+    "patience": "new patience (extends a stopped run)",
+    "store": "the store, if it moved",
+    "num_workers": "DataLoader workers (does not change the batches)",
+    "device": "cpu | cuda | cuda:N | auto",
+    "progress": "progress bars on/off",
+}
 
 
 def make_parser() -> ArgumentParser:
@@ -27,16 +36,9 @@ def make_parser() -> ArgumentParser:
         "scratch with its recorded config.",
     )
     parser.add_argument("experiment", help="experiment folder written by tractrain-train")
-    parser.add_argument("--max-epochs", dest="max_epochs", metavar="N",
-                        help="new total number of epochs (extends a finished run)")
-    parser.add_argument("--patience", metavar="N", help="new patience (extends a stopped run)")
-    parser.add_argument("--store", metavar="PATH", help="the store, if it moved")
-    parser.add_argument("--num-workers", dest="num_workers", metavar="N",
-                        help="DataLoader workers (does not change the batches)")
-    parser.add_argument("--device", metavar="DEV", help="cpu | cuda | cuda:N | auto")
-    parser.add_argument("--progress", metavar="BOOL", help="progress bars on/off")
-    parser.add_argument("--log-every", dest="log_every", metavar="N",
-                        help="with -v, log the training loss every N iterations")
+    for name in OVERRIDES:  # converted like tractrain-train's flags
+        add_flag(parser, name, help=HELP.get(name, f"{OPTIONS[name][2]} (default: as recorded)"),
+                 metavar={"store": "PATH", "device": "DEV"}.get(name))
     add_verbosity_flags(parser)
     add_trust_flags(parser, loss=True)
     return parser
@@ -78,6 +80,8 @@ def resume(args: argparse.Namespace) -> int:
     from tractrain.bin.train import train_to_end, writer_lock
     from tractrain.hooks.checkpoint import read_meta
 
+    overrides = {name: convert(name, getattr(args, name), flag_of(name))
+                 for name in OVERRIDES if getattr(args, name) is not None}
     exp_dir = Path(args.experiment)
     exp = ExperimentDir(exp_dir)
     config = read_config(exp_dir)  # refuses a missing folder before taking the lock
@@ -86,10 +90,7 @@ def resume(args: argparse.Namespace) -> int:
         from_scratch = is_unstarted(exp_dir)
         if not from_scratch:
             read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
-        for name in OVERRIDES:
-            value = getattr(args, name)
-            if value is not None:
-                config[name] = convert(name, value, "--" + name.replace("_", "-"))
+        config.update(overrides)
         before = checkpoint_stamp(exp)
         if from_scratch:
             print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "

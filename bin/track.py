@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from tractrain.bin.common import ArgumentParser, run
 from tractrain.bin.resume import add_trust_flags
 from tractrain.errors import ConfigError
 from tractrain.experiment import read_config
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 SEED_SOURCES = ("mask", "valid-streamlines")
 
@@ -66,6 +68,9 @@ def make_parser() -> ArgumentParser:
 
 def mask_seeds(field, n: int, rng: np.random.Generator) -> torch.Tensor:
     """``n`` points uniform in the tracking mask's voxels, in tracking voxel coordinates."""
+    import numpy as np
+    import torch
+
     mask = field.mask if field.mask is not None else torch.ones(
         field.volume.shape[:3], dtype=torch.bool)
     voxels = torch.nonzero(mask.cpu()).numpy()
@@ -81,6 +86,9 @@ def mask_seeds(field, n: int, rng: np.random.Generator) -> torch.Tensor:
 def streamline_prefixes(store, subject: str, group: str, n: int, k: int, step_mm: float,
                         rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """First ``k`` points (resampled to ``step_mm``) of ``n`` random streamlines."""
+    import numpy as np
+    import torch
+
     from tractrain.data.augment import resample
     from tractrain.data.store import expand_ranges
 
@@ -99,6 +107,7 @@ def streamline_prefixes(store, subject: str, group: str, n: int, k: int, step_mm
 def trk_header(info: dict) -> dict:
     """nibabel TRK header fields of a reference grid (``Store.streamline_info``)."""
     import nibabel as nib
+    import numpy as np
     from nibabel.streamlines import Field
 
     affine = np.asarray(info["affine"], dtype=np.float64)
@@ -113,6 +122,7 @@ def trk_header(info: dict) -> dict:
 def write_tractogram(path: Path, tracks, info: dict) -> None:
     """Write ``tracks`` (tracking voxel coordinates) in RAS+ mm with ``info``'s header."""
     import nibabel as nib
+    import numpy as np
     from nibabel.streamlines import Tractogram
 
     affine = np.asarray(info["affine"], dtype=np.float64)
@@ -139,6 +149,9 @@ def recorded_factory(args: argparse.Namespace, exp_dir: Path) -> str:
 
 
 def track_command(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from tractrain.bin.compose import input_config, recorded_store, resolve_device
     from tractrain.data.store import open_store
     from tractrain.engine.reuse import load_model

@@ -153,7 +153,7 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
 
 def train(args: argparse.Namespace) -> int:
     file_options = read_config_file(args.config) if args.config else {}
-    config = resolve(file_options, vars(args))
+    config = resolve(file_options, vars(args), source=args.config or "config file")
     if config["store"] is None:  # recorded, so that eval and track find the same demo store
         from tractrain.bin.compose import demo_cache
 

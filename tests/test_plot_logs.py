@@ -144,7 +144,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     }[case]
     status, err = run_main(capsys, *argv)
     assert status == 2
-    assert err.count("\n") == 1 and err.startswith("plot-logs: error: ")
+    assert err.count("\n") == 1 and err.startswith("tractrain-plot-logs: error: ")
     expected = {
         "missing": "nope: experiment folder not found", "no_logs": "no logs",
         "unknown_metric": "(did you mean valid_loss?)", "out_dir_missing": "--out",
@@ -159,7 +159,7 @@ def test_bad_input_in_a_real_process(tmp_path):
     result = cli(tmp_path / "nope")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("plot-logs: error: ") and "nope" in result.stderr
+    assert result.stderr.startswith("tractrain-plot-logs: error: ") and "nope" in result.stderr
     result = cli(tmp_path / "nope", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in \
         result.stderr
