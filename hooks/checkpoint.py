@@ -39,7 +39,14 @@ from tractrain.atomic import (
     write_file,
 )
 from tractrain.errors import CheckpointError
-from tractrain.experiment import CONFIG_FILE, KEPT_PREFIX, LOGS_DIR, ExperimentDir, load_weights
+from tractrain.experiment import (
+    CONFIG_FILE,
+    KEPT_PREFIX,
+    LOGS_DIR,
+    MODEL_FILE,
+    ExperimentDir,
+    load_weights,
+)
 
 FORMAT_NAME = "tractrain-checkpoint"
 FORMAT_VERSION = 1
@@ -202,7 +209,7 @@ def go_back(exp_dir, kept) -> dict:
     meta = read_meta(kept, repair=False)
     best = kept / exp.best_model.name
     atomic_write_dir(exp.checkpoint, lambda f: _link_tree(kept, f, skip=(best.name,)))
-    if (best / "model.pt").is_file():
+    if (best / MODEL_FILE).is_file():
         atomic_write_dir(exp.best_model, lambda f: _link_tree(best, f))
         atomic_write_bytes(exp.best_epoch, (best / exp.best_epoch.name).read_bytes())
     log.info("%s: back to the checkpoint of epoch %s (%s)", exp, meta.get("epoch"), kept)
