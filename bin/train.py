@@ -176,7 +176,8 @@ def train(args: argparse.Namespace) -> int:
     preflight(config)
     if args.resume == "auto":
         exp_dir = Path(config["experiments"]) / config["name"]
-        if ExperimentDir(exp_dir).config.is_file() and not is_unstarted(exp_dir):
+        if not exp_dir.is_symlink() and ExperimentDir(exp_dir).config.is_file() \
+                and not is_unstarted(exp_dir):
             given = set(file_options) | {k for k, v in vars(args).items()
                                          if v is not None and k in OPTIONS}
             return continue_auto(config, given, exp_dir, args.debug)
