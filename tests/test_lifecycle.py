@@ -182,6 +182,21 @@ def test_resume_auto_refuses_a_changed_option_in_one_line(trained_experiment, ph
     assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
 
 
+def test_resume_auto_keeps_recorded_options_not_given():
+    from tractrain.bin.cluster import auto_config
+    from tractrain.errors import ConfigError
+
+    model, loss = "tractrain.examples.next_direction:make_model", "mypkg.losses:loss"
+    recorded = {"lr": "1e-3", "max_epochs": 2, "seed": 5, "model": model, "loss": loss}
+    wanted = {"lr": "0.003", "max_epochs": 4, "seed": 1234, "model": model, "loss": loss,
+              "requeue": True}
+    assert auto_config(recorded, wanted, {"max_epochs", "requeue"}, "exp") == {
+        "lr": "1e-3", "max_epochs": 4, "seed": 5, "model": model, "loss": loss,
+        "requeue": True}
+    with pytest.raises(ConfigError, match="^--loss 'other.mod:loss': exp was recorded with"):
+        auto_config(recorded, dict(wanted, loss="other.mod:loss"), set(), "exp")
+
+
 def test_keep_checkpoints_prunes_and_going_back_reproduces(phantom_store, tmp_path, capsys,
                                                            one_thread):
     from tractrain.bin.resume import main as resume
