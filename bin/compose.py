@@ -189,6 +189,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         progress=config["progress"], checkpoint_every=config["checkpoint_every"],
         resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
         log_every=config.get("log_every"), batch_check=zero_inputs_check(config, store),
+        keep_checkpoints=config.get("keep_checkpoints") or 0,
     )
     if config["loss"] == DEMO_LOSS and valid_loader is not None and world == 1:
         from tractrain.examples.next_direction import baselines

@@ -98,6 +98,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
     "amp": (False, bool, "automatic mixed precision (CUDA only)"),
     "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
+    "keep_checkpoints": (0, int, "also keep the last N epoch-end checkpoints in "
+                                 "<exp>/checkpoints/epoch-<n>/ (go back with tractrain-resume "
+                                 "--from-checkpoint)"),
+    "requeue": (False, bool, "on SIGUSR1 (SLURM's time-limit warning, sbatch --signal), "
+                             "checkpoint, stop and run 'scontrol requeue $SLURM_JOB_ID'"),
     "comet": (False, bool, "report to Comet (online with an API key, else offline under "
                            "<exp>/comet)"),
     "comet_project": ("tractrain", str, "Comet project name"),
@@ -144,6 +149,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "gen_every": (1, BIG, False), "gen_streamlines": (1, 10**7, False),
     "gen_within_mm": (0, 1e4, True), "nproc_per_node": (1, 1024, False),
     "checkpoint_every": (1, BIG, False), "log_every": (1, BIG, False),
+    "keep_checkpoints": (0, 10**6, False),
 }
 
 SECTIONS = {
@@ -159,7 +165,7 @@ SECTIONS = {
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
                                "device", "amp",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
-                               "progress", "log_every"),
+                               "progress", "log_every", "keep_checkpoints", "requeue"),
 }
 
 NONE_WORDS = ("none", "null", "")

@@ -39,6 +39,10 @@ def make_parser() -> ArgumentParser:
     for name in OVERRIDES:  # converted like tractrain-train's flags
         add_flag(parser, name, help=HELP.get(name, f"{OPTIONS[name][2]} (default: as recorded)"),
                  metavar={"store": "PATH", "device": "DEV"}.get(name))
+    parser.add_argument("--from-checkpoint", dest="from_checkpoint", metavar="PATH",
+                        help="go back first to this kept checkpoint, EXPERIMENT/checkpoints/"
+                        "epoch-N (see tractrain-train --keep-checkpoints): it becomes the "
+                        "live checkpoint again, with the best model of that time")
     add_verbosity_flags(parser)
     add_trust_flags(parser, loss=True)
     return parser
@@ -77,7 +81,7 @@ def trusted_code(args: argparse.Namespace, config: dict, source: str,
 def resume(args: argparse.Namespace) -> int:
     """Resume under the experiment's writer lock; ``config.json`` is rewritten (with the
     overrides, for next time) only once a checkpoint of the resumed run exists."""
-    from tractrain.bin.train import train_to_end, writer_lock
+    from tractrain.bin.train import writer_lock
     from tractrain.hooks.checkpoint import read_meta
 
     overrides = {name: convert(name, getattr(args, name), flag_of(name))
@@ -87,20 +91,33 @@ def resume(args: argparse.Namespace) -> int:
     config = read_config(exp_dir)  # refuses a missing folder before taking the lock
     with writer_lock(exp):
         config = trusted_code(args, read_config(exp_dir), str(exp.config))
+        config.update(overrides)
+        if args.from_checkpoint is not None:
+            from tractrain.hooks.checkpoint import go_back
+
+            go_back(exp_dir, args.from_checkpoint)
         from_scratch = is_unstarted(exp_dir)
         if not from_scratch:
             read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
-        config.update(overrides)
-        before = checkpoint_stamp(exp)
         if from_scratch:
             print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
                   "starting from scratch with its recorded config", flush=True)
-        try:
-            return train_to_end(config, exp_dir, resume=not from_scratch, debug=args.debug,
-                                prog="tractrain-resume")
-        finally:
-            if checkpoint_stamp(exp) != before:  # the run started and saved: keep its config
-                atomic_write_json(exp.config, config)
+        return continue_run(config, exp, from_scratch=from_scratch, debug=args.debug,
+                            prog="tractrain-resume")
+
+
+def continue_run(config: dict, exp: ExperimentDir, *, from_scratch: bool, debug: bool,
+                 prog: str) -> int:
+    """Train ``exp`` on with ``config`` (the caller holds its lock); ``config.json`` is
+    rewritten only once the run saved a checkpoint."""
+    from tractrain.bin.train import train_to_end
+
+    before = checkpoint_stamp(exp)
+    try:
+        return train_to_end(config, exp.root, resume=not from_scratch, debug=debug, prog=prog)
+    finally:
+        if checkpoint_stamp(exp) != before:  # the run started and saved: keep its config
+            atomic_write_json(exp.config, config)
 
 
 def checkpoint_stamp(exp: ExperimentDir) -> bytes | None:

@@ -14,12 +14,17 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
-from tractrain.bin.options import SECTIONS, add_option_flags, read_config_file, resolve
+from tractrain.bin.options import (
+    OPTIONS,
+    SECTIONS,
+    add_option_flags,
+    read_config_file,
+    resolve,
+)
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, check_name, has_checkpoint, is_unstarted
 
 EXIT_FAILED = 1
-SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def make_parser() -> ArgumentParser:
@@ -34,6 +39,12 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("config", nargs="?", help="YAML or JSON config file")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing experiment folder of the same name")
+    parser.add_argument("--resume", choices=("never", "auto"), default="never",
+                        help="auto: continue the experiment if it exists (as tractrain-resume "
+                        "does; options that differ from its config.json are refused, but "
+                        "those tractrain-resume may change), else start it: one command for "
+                        "the first start and every requeued one (default: never, an existing "
+                        "experiment is refused)")
     add_verbosity_flags(parser)
     add_option_flags(parser)
     return parser
@@ -84,14 +95,16 @@ def prepare_experiment(config: dict, force: bool):
     return exp_dir, lock
 
 
-def finish(trainer, exp_dir: Path) -> int:
-    """Plot, print where everything is, and return the exit status."""
+def finish(trainer, exp_dir: Path, config: dict) -> int:
+    """Plot, print where everything is, requeue a SLURM job stopped by SIGUSR1 if asked
+    (`tractrain.bin.cluster.after_stop`), and return the exit status."""
+    from tractrain.bin.cluster import after_stop
     from tractrain.bin.compose import summary, write_plot
 
     plot = write_plot(exp_dir)
     print(summary(trainer, exp_dir, plot), flush=True)
     stopped = getattr(trainer.state, "stopped_by_signal", None)
-    return SIGNAL_EXIT.get(stopped, 0) if stopped else 0
+    return after_stop(stopped, bool(config.get("requeue")), exp_dir) if stopped else 0
 
 
 def preflight(config: dict) -> None:
@@ -117,7 +130,7 @@ def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool) -> Non
     with configure():  # a spawned rank starts without the launcher's logging set-up
         trainer = run_training(config, Path(exp_dir), resume=resume)
     if is_main():
-        finish(trainer, Path(exp_dir))
+        finish(trainer, Path(exp_dir), config)
 
 
 def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog: str) -> int:
@@ -148,7 +161,7 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
             print(f"{prog}: stopped before the first checkpoint: {err}; nothing was saved: fix "
                   "the cause, then run the same command again", file=sys.stderr)
         return EXIT_FAILED
-    return finish(trainer, exp_dir)
+    return finish(trainer, exp_dir, config)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -158,7 +171,16 @@ def train(args: argparse.Namespace) -> int:
         from tractrain.bin.compose import demo_cache
 
         config["cache_dir"] = str(demo_cache(config))
+    if args.force and args.resume == "auto":
+        raise ConfigError("--force and --resume auto: choose one (start over, or continue)")
     preflight(config)
+    if args.resume == "auto":
+        exp_dir = Path(config["experiments"]) / config["name"]
+        if not exp_dir.is_symlink() and ExperimentDir(exp_dir).config.is_file() \
+                and not is_unstarted(exp_dir):
+            given = set(file_options) | {k for k, v in vars(args).items()
+                                         if v is not None and k in OPTIONS}
+            return continue_auto(config, given, exp_dir, args.debug)
     exp_dir, lock = prepare_experiment(config, args.force)
     exp = ExperimentDir(exp_dir)
     print(f"experiment: {exp_dir}  (config: {exp.config})", flush=True)
@@ -174,6 +196,25 @@ def train(args: argparse.Namespace) -> int:
                 exp.config.unlink(missing_ok=True)
                 lock.release()
                 exp_dir.rmdir()
+
+
+def continue_auto(config: dict, given: set[str], exp_dir: Path, debug: bool) -> int:
+    """``--resume auto`` on a started experiment: continue it like tractrain-resume, with the
+    recorded config and this command's allowed changes (`tractrain.bin.cluster.auto_config`)."""
+    from tractrain.bin.cluster import auto_config
+    from tractrain.bin.resume import continue_run
+    from tractrain.experiment import read_config
+    from tractrain.hooks.checkpoint import read_meta
+
+    exp = ExperimentDir(exp_dir)
+    with writer_lock(exp):
+        config = auto_config(read_config(exp_dir), config, given, str(exp.config))
+        from_scratch = is_unstarted(exp_dir)
+        if not from_scratch:
+            read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
+        print(f"experiment: {exp_dir}  (exists: continuing it, --resume auto)", flush=True)
+        return continue_run(config, exp, from_scratch=from_scratch, debug=debug,
+                            prog="tractrain-train")
 
 
 def main(argv: list[str] | None = None) -> int:

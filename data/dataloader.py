@@ -3,8 +3,9 @@
 Each batch is built by `load_batch` from its `BatchSpec` alone, with the RNG
 ``batch_rng(seed, epoch, index)``, so it does not matter which process builds it.
 
-Workers ignore SIGINT, and SIGTERM from anyone but the main process: a signal sent to the
-whole process group (Ctrl-C, SLURM, systemd, Kubernetes) is handled by the main process alone,
+Workers ignore SIGINT, SIGUSR1 (SLURM's time-limit warning) and SIGTERM from anyone but the
+main process: a signal sent to the whole process group (Ctrl-C, SLURM, systemd, Kubernetes) is
+handled by the main process alone,
 which finishes the current iteration, writes a checkpoint and then shuts the workers down
 (multiprocessing terminates them with SIGTERM at exit, which they obey).
 """
@@ -64,9 +65,10 @@ def _sigterm_only_from(parents: set[int]) -> None:
 
 
 def _worker_init(worker_id: int, user_init: Callable[[int], None] | None = None) -> None:
-    """Ignore SIGINT, and SIGTERM not sent by the main process (it owns shutdown); use one
-    torch thread; then call ``user_init(worker_id)`` if given."""
+    """Ignore SIGINT, SIGUSR1, and SIGTERM not sent by the main process (it owns shutdown);
+    use one torch thread; then call ``user_init(worker_id)`` if given."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     _sigterm_only_from({os.getppid()} | ({parent.pid} if parent is not None else set()))
     torch.set_num_threads(1)  # workers run side by side; don't oversubscribe the cores

@@ -7,6 +7,7 @@ their consumers, and the checkpoint last, so it saves the epoch's final state.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -20,7 +21,12 @@ from tractrain.engine.rng import GlobalRNG
 from tractrain.engine.trainer import LossFn, TrainStep, create_evaluator
 from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks.best_model import BestModel
-from tractrain.hooks.checkpoint import Checkpoint, check_model_state, load_checkpoint
+from tractrain.hooks.checkpoint import (
+    Checkpoint,
+    check_model_state,
+    load_checkpoint,
+    version_changes,
+)
 from tractrain.hooks.epoch_log import EpochLog
 from tractrain.hooks.grad_norm import GradNorm
 from tractrain.hooks.logs import NpyLogs
@@ -30,6 +36,8 @@ from tractrain.hooks.signals import GracefulStop
 from tractrain.hooks.timing import Timing
 from tractrain.hooks.validation import Validation
 from tractrain.util import unwrap
+
+log = logging.getLogger(__name__)
 
 
 def train_and_validate(
@@ -65,10 +73,14 @@ def train_and_validate(
     resume_hint: str | None = None,
     log_every: int | None = None,
     batch_check=None,
+    keep_checkpoints: int = 0,
 ) -> Engine:
     """Train ``model`` for ``max_epochs`` epochs with validation, checkpoints, best model,
     patience, logs, optional Comet; returns the trainer (its ``state.metrics`` hold the last
     epoch's values).
+
+    ``keep_checkpoints`` K > 0 also keeps the last K epoch-end checkpoints in
+    ``<exp_dir>/checkpoints/epoch-<n>/``.
 
     ``train_loader`` iterates a `tractrain.data.sampler.BatchSampler` (``train_sampler``,
     default ``train_loader.sampler``), which makes mid-epoch resume exact. With
@@ -129,7 +141,8 @@ def train_and_validate(
         objects["train_loss"] = PerRank(step.mean, "train_loss")
         objects["rng"] = PerRank(objects["rng"], "rng")
     checkpoint = Checkpoint(exp_dir, objects, config=config, every_iterations=checkpoint_every,
-                            before_save=step.check_finite).attach(trainer)
+                            before_save=step.check_finite,
+                            keep=keep_checkpoints).attach(trainer)
     if handle_signals:
         GracefulStop(checkpoint, resume_hint=resume_hint).attach(trainer)
 
@@ -181,6 +194,9 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module,
     ``renamed`` maps old state keys to current ones (checkpoints of tractrain <= 0.1 keyed
     producers ``producer_<i>``)."""
     meta, states = load_checkpoint(checkpoint.exp_dir)
+    if get_rank() == 0:
+        for line in version_changes(meta):  # once per resume, one line per package
+            log.warning(line)
     for old, new in (renamed or {}).items():
         if old in states and new not in states:
             states[new] = states.pop(old)

@@ -1,4 +1,8 @@
-"""SIGINT/SIGTERM: finish the current iteration, write a checkpoint, stop cleanly."""
+"""SIGINT/SIGTERM/SIGUSR1: finish the current iteration, write a checkpoint, stop cleanly.
+
+SIGUSR1 is what SLURM sends ahead of a job's time limit (``sbatch --signal=B:USR1@120``);
+what happens after the stop (requeue) is the command line's business (`tractrain.bin.cluster`).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class GracefulStop:
-    """On SIGINT or SIGTERM, let the running iteration finish, save ``checkpoint`` (mid-epoch)
-    and terminate the trainer with a message saying how to resume. A second SIGINT aborts at
-    once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived.
+    """On SIGINT, SIGTERM or SIGUSR1, let the running iteration finish, save ``checkpoint``
+    (mid-epoch) and terminate the trainer with a message saying how to resume. A second SIGINT
+    aborts at once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived.
 
     In a single process nothing runs per iteration until a signal arrives; in a distributed
     run every iteration asks all ranks (one all_reduce), so they stop at the same one."""
 
     def __init__(self, checkpoint, resume_hint: str | None = None,
-                 signals=(signal.SIGINT, signal.SIGTERM)) -> None:
+                 signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)) -> None:
         self.checkpoint = checkpoint
         self.resume_hint = resume_hint
         self.signals = tuple(signals)

@@ -5,6 +5,7 @@ Layout of ``<exp>/`` (written by `tractrain-train`'s hooks)::
     config.json         the resolved options of the run
     checkpoint/         the latest checkpoint (`tractrain.hooks.checkpoint`), with copies of
                         config.json and logs/
+    checkpoints/epoch-<n>/  with --keep-checkpoints K: the last K epoch-end checkpoints
     best_model/         model.pt (weights), config.json (model config), best_epoch.json
     best_epoch.json     {"epoch", "metric", "value", "train_loss", "valid_loss"}
     logs/<metric>.npy   one value per epoch; logs/logs.csv the same table; logs/plot.png
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
+KEPT_DIR = "checkpoints"
+KEPT_PREFIX = "epoch-"
 BEST_MODEL_DIR = "best_model"
 BEST_EPOCH_FILE = "best_epoch.json"
 MODEL_FILE = "model.pt"
@@ -48,8 +51,8 @@ PLOT_FILE = "plot.png"
 COMET_DIR = "comet"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lock"
-LAYOUT = (CONFIG_FILE, CHECKPOINT_DIR, BEST_MODEL_DIR, BEST_EPOCH_FILE, LOGS_DIR, COMET_DIR,
-          EVAL_DIR, LOCK_FILE)
+LAYOUT = (CONFIG_FILE, CHECKPOINT_DIR, KEPT_DIR, BEST_MODEL_DIR, BEST_EPOCH_FILE, LOGS_DIR,
+          COMET_DIR, EVAL_DIR, LOCK_FILE)
 MAX_NAME_LENGTH = 200
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
@@ -94,6 +97,26 @@ class ExperimentDir:
     @property
     def checkpoint(self) -> Path:
         return self.root / CHECKPOINT_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        """``checkpoints/``: the epoch-end checkpoints kept by ``--keep-checkpoints``."""
+        return self.root / KEPT_DIR
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        """``checkpoints/epoch-<epoch>/``."""
+        return self.checkpoints / f"{KEPT_PREFIX}{int(epoch)}"
+
+    def kept_checkpoints(self) -> list[tuple[int, Path]]:
+        """``[(epoch, folder)]`` of the complete kept checkpoints, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        kept = []
+        for path in self.checkpoints.iterdir():
+            number = path.name.removeprefix(KEPT_PREFIX)
+            if path.name.startswith(KEPT_PREFIX) and number.isdigit() and is_complete(path):
+                kept.append((int(number), path))
+        return sorted(kept)
 
     @property
     def best_model(self) -> Path:
