@@ -71,6 +71,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "num_workers": (0, int, "DataLoader worker processes"),
     "lazy": (True, bool, "read volumes on demand (byte-budget cache) instead of up front"),
     "cache_gb": (2.0, float, "lazy volume cache budget (GiB)"),
+    "pin_memory": (None, bool, "DataLoader batches in page-locked memory, for faster "
+                               "asynchronous copies to the GPU (default: on with CUDA)"),
+    "device_cache_gb": (2.0, float, "with --interpolate device: budget of the volumes kept on "
+                                    "the device (GiB); a volume larger than it is refused at "
+                                    "start"),
     # optimisation
     "optimizer": ("adam", str, "adam | adamw | sgd | radam"),
     "lr": ("0.003*4 0.001", str, "learning rate or per-epoch schedule, e.g. '1e-3*3 1e-4'"),
@@ -91,7 +96,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "nproc_per_node": (1, int, "processes for distributed data-parallel training (gloo on "
                                "CPU, nccl on GPU; or start tractrain-train under torchrun)"),
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
-    "amp": (False, bool, "automatic mixed precision (CUDA only)"),
+    "precision": (None, str, "32 | 16-mixed | bf16-mixed: fp32, or autocast to fp16 (with "
+                             "a GradScaler) or bf16; CUDA only, fp32 with a warning elsewhere "
+                             "(default: 32, or 16-mixed with --amp true)"),
+    "amp": (False, bool, "automatic mixed precision: an alias of --precision 16-mixed"),
+    "deterministic": (False, bool, "deterministic kernels (torch.use_deterministic_algorithms, "
+                                   "cuDNN deterministic, no autotuning, cuBLAS workspace): "
+                                   "bit-exact GPU resume, some speed lost; ops without a "
+                                   "deterministic version raise"),
     "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
     "comet": (False, bool, "report to Comet (online with an API key, else offline under "
                            "<exp>/comet)"),
@@ -99,6 +111,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "comet_workspace": (None, str, "Comet workspace"),
     "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
     "log_every": (50, int, "with -v, log the training loss every N iterations"),
+}
+
+# name: the values a text option accepts, checked at parse time.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("32", "16-mixed", "bf16-mixed"),  # tractrain.engine.precision.PRECISIONS
 }
 
 # name: (lowest, highest, lowest excluded): checked at parse time for numeric options.
@@ -113,6 +130,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "noise_mm": (0, 1e4, False), "noise_truncation": (0, 1e4, True),
     "radius_mm": (0, 1e4, False), "resolution_mm": (0, 1e4, True),
     "num_workers": (0, 1024, False), "cache_gb": (0, 1e6, False),
+    "device_cache_gb": (0, 1e6, True),
     "weight_decay": (0, 1e6, False), "clip_grad_norm": (0, 1e12, True),
     "patience": (1, BIG, False), "min_delta": (0, 1e12, False),
     "gen_every": (1, BIG, False), "gen_streamlines": (1, 10**7, False),
@@ -127,11 +145,12 @@ SECTIONS = {
                 "max_batches_train", "max_batches_valid", "valid_fraction"),
     "loader": ("step_size", "compress", "split_ratio", "reverse_ratio", "noise_mm",
                "noise_truncation", "volume_group", "neighborhood", "radius_mm", "resolution_mm",
-               "outside", "interpolate", "num_workers", "lazy", "cache_gb"),
+               "outside", "interpolate", "num_workers", "lazy", "cache_gb", "pin_memory",
+               "device_cache_gb"),
     "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
                                "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
-                               "device", "amp",
+                               "device", "precision", "amp", "deterministic",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
                                "progress", "log_every"),
 }
@@ -176,9 +195,16 @@ def convert(name: str, value: Any, where: str) -> Any:
             raise ValueError(f"expected an integer, got {value}")
         if isinstance(value, str) and kind is str and value.strip().lower() in ("none", "null"):
             return None if default is None else value
-        return check_range(name, kind(value))
+        return check_choice(name, check_range(name, kind(value)))
     except (TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"{where}: {name}: {err}") from None
+
+
+def check_choice(name: str, value: Any) -> Any:
+    """``value`` if it is one of option ``name``'s `CHOICES` (ValueError otherwise)."""
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"expected one of {' | '.join(CHOICES[name])}, got {value!r}")
+    return value
 
 
 def check_range(name: str, value: Any) -> Any:

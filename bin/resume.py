@@ -14,7 +14,7 @@ from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
-             "log_every")
+             "log_every", "precision", "pin_memory", "device_cache_gb")
 
 
 def make_parser() -> ArgumentParser:
@@ -35,6 +35,12 @@ def make_parser() -> ArgumentParser:
                         help="DataLoader workers (does not change the batches)")
     parser.add_argument("--device", metavar="DEV", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--progress", metavar="BOOL", help="progress bars on/off")
+    parser.add_argument("--precision", metavar="TEXT",
+                        help="32 | 16-mixed | bf16-mixed (replaces the recorded --amp)")
+    parser.add_argument("--pin-memory", dest="pin_memory", metavar="BOOL",
+                        help="pinned DataLoader batches (default: on with CUDA)")
+    parser.add_argument("--device-cache-gb", dest="device_cache_gb", metavar="X",
+                        help="volume budget on the device with --interpolate device (GiB)")
     parser.add_argument("--log-every", dest="log_every", metavar="N",
                         help="with -v, log the training loss every N iterations")
     add_verbosity_flags(parser)
@@ -90,6 +96,8 @@ def resume(args: argparse.Namespace) -> int:
             value = getattr(args, name)
             if value is not None:
                 config[name] = convert(name, value, "--" + name.replace("_", "-"))
+        if args.precision is not None:
+            config["amp"] = False  # its older alias no longer applies
         before = checkpoint_stamp(exp)
         if from_scratch:
             print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "

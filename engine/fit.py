@@ -127,9 +127,9 @@ def train_and_validate(
         objects["comet"] = CometLogger(exp_dir, **{"params": config, **comet})
         objects["comet"].attach(trainer)
     EpochLog(patience, log_every).attach(trainer)
-    Progress(enabled=progress).attach(trainer)
+    Progress(enabled=progress, read_every=step.check_every).attach(trainer)  # no sync per batch
     objects.update(extra_state or {})
-    objects["rng"] = GlobalRNG()
+    objects["rng"] = GlobalRNG(device)  # CUDA: this rank's own device only
     if world_size > 1:  # states that differ by rank: each rank resumes its own
         objects["train_loss"] = PerRank(step.mean, "train_loss")
         objects["rng"] = PerRank(objects["rng"], "rng")

@@ -36,8 +36,8 @@ def resolve_precision(precision: str | int | None = None, amp: bool = False) -> 
     if name not in PRECISIONS:
         raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got "
                           f"{precision!r}")
-    if amp and name == "32":
-        raise ConfigError("precision 32 contradicts amp true (an alias of precision "
+    if amp and name != "16-mixed":
+        raise ConfigError(f"precision {name} contradicts amp true (an alias of precision "
                           "16-mixed): give one of them")
     return name
 
