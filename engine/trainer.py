@@ -23,7 +23,12 @@ import torch
 from ignite.engine import Engine, Events, State
 
 from tractrain.engine.contract import FirstCallChecked, check_loss_result
-from tractrain.engine.distributed import all_reduce_sum, any_rank, is_distributed
+from tractrain.engine.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    any_rank,
+    is_distributed,
+)
 from tractrain.engine.precision import Precision
 from tractrain.errors import ConfigError
 
@@ -296,8 +301,8 @@ class TrainStep:
         if self.check_every == 1:
             return
         bad = int(self._first_bad)
-        if is_distributed() and any_rank(bad >= 0) and bad < 0:
-            bad = 0  # another rank's batch: stop together
+        if is_distributed():  # every rank stops together, at the earliest bad iteration
+            bad = min((b for b in all_gather_objects(bad) if b >= 0), default=-1)
         if bad >= 0:
             self._first_bad.fill_(-1)
             self.optimizer.zero_grad(set_to_none=True)
