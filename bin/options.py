@@ -72,7 +72,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "lazy": (True, bool, "read volumes on demand (byte-budget cache) instead of up front"),
     "cache_gb": (2.0, float, "lazy volume cache budget (GiB)"),
     "pin_memory": (None, bool, "DataLoader batches in page-locked memory, for faster "
-                               "asynchronous copies to the GPU (default: on with CUDA)"),
+                               "asynchronous copies to the GPU; none: on with CUDA"),
     "device_cache_gb": (2.0, float, "with --interpolate device: budget of the volumes kept on "
                                     "the device (GiB); a volume larger than it is refused at "
                                     "start"),
@@ -98,7 +98,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
     "precision": (None, str, "32 | 16-mixed | bf16-mixed: fp32, or autocast to fp16 (with "
                              "a GradScaler) or bf16; CUDA only, fp32 with a warning elsewhere "
-                             "(default: 32, or 16-mixed with --amp true)"),
+                             "(none: 32, or 16-mixed with --amp true)"),
     "amp": (False, bool, "automatic mixed precision: an alias of --precision 16-mixed"),
     "deterministic": (False, bool, "deterministic kernels (torch.use_deterministic_algorithms, "
                                    "cuDNN deterministic, no autotuning, cuBLAS workspace): "
