@@ -91,8 +91,8 @@ class EpochMean:
         self.skipped = 0  # batches dropped by nan_policy "skip"
         self.amp_skipped: int | torch.Tensor = 0  # steps the AMP scaler skipped (overflow)
 
-    def update(self, loss: float | torch.Tensor, n: float) -> None:
-        """Add a batch; a loss on a GPU is summed there and read once per epoch."""
+    def update(self, loss: float | torch.Tensor, n: float | torch.Tensor) -> None:
+        """Add a batch; a loss (or weight) on a GPU is summed there and read once per epoch."""
         if isinstance(loss, torch.Tensor):
             loss = loss.item() if loss.device.type == "cpu" else loss.detach().double()
         self.total += loss * n
@@ -105,7 +105,7 @@ class EpochMean:
         return total / count if count else math.nan
 
     def state_dict(self) -> dict:
-        return {"total": float(self.total), "count": self.count, "skipped": self.skipped,
+        return {"total": float(self.total), "count": float(self.count), "skipped": self.skipped,
                 "amp_skipped": int(self.amp_skipped)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -140,6 +140,13 @@ def scaled_norm(norm: float | torch.Tensor, factor: float | torch.Tensor) -> flo
     return float(np.float32(norm) * np.float32(factor))
 
 
+def _weight(n: int | float | torch.Tensor) -> float | torch.Tensor:
+    """A batch's weight ``n``: a float, or the tensor itself on a GPU (no host read)."""
+    if isinstance(n, torch.Tensor) and n.device.type != "cpu":
+        return n.detach().double()
+    return float(n)
+
+
 def _to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True)
 
@@ -155,10 +162,9 @@ class TrainStep:
     ``scaler``) and the epoch's loss mean (``mean``); checkpoint those with the model to
     resume exactly.
 
-    fp16 AMP follows torch's recipe: ``scale(loss).backward()``, ``unscale_`` (once, so the
-    gradient norm and clipping see true gradients), clip, ``scaler.step``, ``update``. A step
-    whose gradients overflowed is skipped by the scaler, which backs off its scale: such steps
-    are normal, counted per epoch in ``amp_skipped_steps`` (and ``amp_scale``), never errors.
+    fp16 AMP is torch's recipe: ``scale(loss).backward()``, ``unscale_`` (once: the norm and
+    clipping see true gradients), clip, ``scaler.step``, ``update``. Overflow steps are skipped
+    by the scaler, which backs off: normal, counted in ``amp_skipped_steps``, never errors.
 
     Args:
         device: where batches are moved (``batch.to(device, non_blocking=True)``).
@@ -240,7 +246,7 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)  # once per step, before norm and clipping
         else:
             loss.backward()
-        loss, n, norm = loss.detach(), float(n), total_grad_norm(self.params)
+        loss, n, norm = loss.detach(), _weight(n), total_grad_norm(self.params)
         checked = self._check(engine, loss, norm)
         if checked is None:  # a non-finite batch under nan_policy "skip"
             return _skipped_output()
@@ -281,8 +287,7 @@ class TrainStep:
         if not bad:
             if self.amp and bad_norm:
                 self.mean.amp_skipped += 1
-                log.debug("iteration %d: fp16 gradients overflowed; the scaler skips the step "
-                          "and backs off its scale", state.iteration)
+                log.debug("iteration %d: fp16 overflow, step skipped", state.iteration)
             return value, norm_value, self.amp and bad_norm
         what = (f"non-finite loss ({value})" if bad_loss else "non-finite gradient norm"
                 if bad_norm else "non-finite loss or gradient on another rank")
@@ -378,8 +383,9 @@ def create_evaluator(
         model.eval()
         with torch.no_grad(), mixed_precision:
             loss, n = checked.call(model, prepare(batch, device))
-        mean.update(float(loss), float(n))
-        return {"loss": loss.detach(), "n": float(n)}
+        n = _weight(n)
+        mean.update(loss.detach(), n)  # on a GPU: summed there, read once at the end
+        return {"loss": loss.detach(), "n": n}
 
     evaluator = Engine(step)
     evaluator.add_event_handler(Events.STARTED, lambda engine: mean.reset())
