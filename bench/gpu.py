@@ -44,14 +44,15 @@ def train(root: Path, name: str, args: argparse.Namespace, *options: str) -> dic
 
 def streamlines_per_epoch(root: Path, args: argparse.Namespace) -> list[int]:
     """Training streamlines of each epoch (the samplers' own batches)."""
-    from tractrain.bin.compose import sampler_config
+    from tractrain.bin.compose import DEMO_PHANTOM, sampler_config
     from tractrain.bin.options import defaults
+    from tractrain.data.phantom import demo_store_paths
     from tractrain.data.sampler import BatchSampler
     from tractrain.data.split_index import split_index
     from tractrain.data.store import open_store
 
     config = {**defaults(), "max_batches_train": args.max_batches_train}
-    store = open_store(next((root / "cache").rglob("*.zarr")))
+    store = open_store(demo_store_paths(root / "cache", **DEMO_PHANTOM)[1])
     sampler = BatchSampler(split_index(store, "train", config["group"]),
                            sampler_config(config, config["max_batches_train"]),
                            seed=config["seed"])
