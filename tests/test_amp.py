@@ -118,9 +118,9 @@ def test_step_matches_torch_recipe_overflows_skipped_scale_backs_off():
 def test_non_finite_loss_is_still_the_nan_policys_under_amp(policy):
     data = batches(6)
     data[2].y = data[2].y * math.nan
-    step = TrainStep(Net(), None, loss_fn, nan_policy=policy,
-                     scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
-    step.optimizer = torch.optim.SGD(step.model.parameters(), lr=0.1)
+    model = Net()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                     nan_policy=policy, scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
     engine = step.create_engine()
     if policy == "stop":
         with pytest.raises(NonFiniteError, match="non-finite loss .* iteration 3"):
