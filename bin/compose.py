@@ -34,7 +34,7 @@ from tractrain.engine.contract import ZeroInputsCheck
 from tractrain.engine.distributed import get_rank, get_world_size, local_rank
 from tractrain.engine.fit import train_and_validate
 from tractrain.engine.optim import lr_for_epoch, make_optimizer, parse_lr_schedule
-from tractrain.engine.rng import seed_everything
+from tractrain.engine.rng import seed_everything, set_deterministic
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir
 from tractrain.imports import import_object
@@ -118,6 +118,7 @@ def check_options(config: dict) -> None:
     parse_lr_schedule(config["lr"])
     lr_for_epoch(config["lr"], 1)
     check_monitor(config)
+    run_precision(config)
     points = neighborhood_size(input_config(config))
     if points > MAX_NEIGHBORHOOD_POINTS:
         raise ConfigError(
@@ -130,6 +131,7 @@ def check_options(config: dict) -> None:
 def run_training(config: dict, exp_dir: Path, resume: bool = False):
     """Build everything from ``config`` and train (or resume) in ``exp_dir``."""
     check_options(config)
+    set_deterministic(bool(config.get("deterministic")))  # before CUDA starts
     seed_everything(config["seed"])  # before anything draws, the model's factory included
     model_factory = import_object(config["model"], "model")
     loss_fn = import_object(config["loss"], "loss")
@@ -142,16 +144,19 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         raise ConfigError(f"--volume-group {config['volume_group']!r}: the store has volume "
                           f"groups {sorted(store.volume_groups)}")
     rank, world = get_rank(), get_world_size()
+    device = resolve_device(config["device"])
     train_sampler = BatchSampler(
         split_index(store, "train", group), sampler_config(config, config["max_batches_train"]),
         seed=config["seed"], rank=rank, world_size=world, drop_uneven=world > 1)
     augment, inputs = augment_config(config), input_config(config)
-    train_loader = make_dataloader(store, train_sampler, augment=augment, **feeding(config))
+    prepare = device_inputs(store, config)  # refuses volumes over device_cache_gb now
+    train_loader = make_dataloader(store, train_sampler, augment=augment,
+                                   **feeding(config, device))
     valid_loader = None
     if store.splits.get("valid"):
         valid_loader = eval_loader(store, config, validation_index(store, group, config),
                                    max_batches=config["max_batches_valid"], rank=rank,
-                                   world_size=world)
+                                   world_size=world, device=device)
         if rank == 0:
             print(f"validation: {valid_coverage(store, group, valid_loader.sampler)}",
                   flush=True)
@@ -161,7 +166,6 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
                                   inputs, store.volume_info(first, inputs.volume_group)
                                   ["voxel_sizes"])
     model_config = {**factory_config(config), "n_inputs": n_inputs}
-    device = resolve_device(config["device"])
     if config.get("torch_seed") is not None:
         torch.manual_seed(config["torch_seed"])
     model = model_factory(model_config)
@@ -176,10 +180,9 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     if config["comet"]:
         comet = {"project_name": config["comet_project"], "workspace": config["comet_workspace"],
                  "experiment_name": config["name"]}
-    prepare = device_inputs(store, config)
     trainer = train_and_validate(
         model, optimizer, loss_fn, train_loader, valid_loader=valid_loader, exp_dir=exp_dir,
-        max_epochs=config["max_epochs"], device=device, amp=config["amp"],
+        max_epochs=config["max_epochs"], device=device, precision=run_precision(config),
         clip_grad_norm=config["clip_grad_norm"], lr_schedule=config["lr"],
         nan_policy=config["nan_policy"], patience=config["patience"],
         min_delta=config["min_delta"], monitor=config["monitor"],
@@ -264,28 +267,50 @@ def sampler_config(config: dict, max_batches: int | None) -> SamplerConfig:
                          cycles=config["cycles"], max_batches=max_batches)
 
 
-def feeding(config: dict) -> dict:
-    """`make_dataloader` keywords shared by the training and evaluation loaders."""
+def feeding(config: dict, device: torch.device | None = None) -> dict:
+    """`make_dataloader` keywords shared by the training and evaluation loaders; batches are
+    pinned if ``pin_memory``, by default when ``device`` is a GPU."""
+    pin = config.get("pin_memory")
+    if pin is None:
+        pin = device is not None and torch.device(device).type == "cuda"
     return {"group": config["group"], "inputs": input_config(config),
             "num_workers": config["num_workers"], "interpolate": config["interpolate"],
-            "persistent_workers": config["num_workers"] > 0}
+            "persistent_workers": config["num_workers"] > 0, "pin_memory": bool(pin)}
+
+
+def run_precision(config: dict) -> str:
+    """``precision``, or ``16-mixed`` for the older ``amp: true`` (its alias)."""
+    from tractrain.engine.precision import resolve_precision
+
+    amp, precision = bool(config.get("amp")), config.get("precision")
+    if amp and precision == "16-mixed":
+        amp = False
+    try:
+        return resolve_precision(precision, amp)
+    except ConfigError:
+        raise ConfigError(f"--amp true is --precision 16-mixed; it contradicts --precision "
+                          f"{precision}: give one of them") from None
 
 
 def eval_loader(store, config: dict, index, *, max_batches: int | None = None, rank: int = 0,
-                world_size: int = 1):
+                world_size: int = 1, device: torch.device | None = None):
     """The validation loader of a run over ``index`` (a `SplitIndex`): the run's inputs and
     batch budget, deterministic augmentation, fixed order (no shuffle)."""
     sampler = BatchSampler(index, sampler_config(config, max_batches), seed=config["seed"],
                            shuffle=False, rank=rank, world_size=world_size)
     return make_dataloader(store, sampler, augment=augment_config(config).deterministic(),
-                           **feeding(config))
+                           **feeding(config, device))
 
 
 def device_inputs(store, config: dict) -> DeviceInputs | None:
-    """The ``prepare_batch`` of ``interpolate: device`` runs (None otherwise)."""
+    """The ``prepare_batch`` of ``interpolate: device`` runs (None otherwise); refuses a
+    training or validation volume larger than ``device_cache_gb``."""
     if config["interpolate"] != "device":
         return None
-    return DeviceInputs(store, config["group"], input_config(config))
+    used = [s for split in ("train", "valid") for s in store.splits.get(split, ())]
+    budget = float(config.get("device_cache_gb") or 2.0)
+    return DeviceInputs(store, config["group"], input_config(config),
+                        cache_bytes=int(budget * 2**30), subjects=used)
 
 
 def generation_hooks(config: dict, model, store, group: str, inputs, device) -> tuple:

@@ -76,6 +76,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "num_workers": (0, int, "DataLoader worker processes"),
     "lazy": (True, bool, "read volumes on demand (byte-budget cache) instead of up front"),
     "cache_gb": (2.0, float, "lazy volume cache budget (GiB)"),
+    "pin_memory": (None, bool, "DataLoader batches in page-locked memory, for faster "
+                               "asynchronous copies to the GPU; none: on with CUDA"),
+    "device_cache_gb": (2.0, float, "with --interpolate device: budget of the volumes kept on "
+                                    "the device (GiB); a volume larger than it is refused at "
+                                    "start"),
     # optimisation
     "optimizer": ("adam", str, "torch.optim optimizer"),
     "lr": ("0.003*4 0.001", str, "learning rate or per-epoch schedule, e.g. '1e-3*3 1e-4'"),
@@ -96,7 +101,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "nproc_per_node": (1, int, "processes for distributed data-parallel training (gloo on "
                                "CPU, nccl on GPU; or start tractrain-train under torchrun)"),
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
-    "amp": (False, bool, "automatic mixed precision (CUDA only)"),
+    "precision": (None, str, "32 | 16-mixed | bf16-mixed: fp32, or autocast to fp16 (with "
+                             "a GradScaler) or bf16; CUDA only, fp32 with a warning elsewhere "
+                             "(none: 32, or 16-mixed with --amp true)"),
+    "amp": (False, bool, "automatic mixed precision: an alias of --precision 16-mixed"),
+    "deterministic": (False, bool, "deterministic kernels (torch.use_deterministic_algorithms, "
+                                   "cuDNN deterministic, no autotuning, cuBLAS workspace): "
+                                   "bit-exact GPU resume, some speed lost; ops without a "
+                                   "deterministic version raise"),
     "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
     "keep_checkpoints": (0, int, "also keep the last N epoch-end checkpoints in "
                                  "<exp>/checkpoints/epoch-<n>/ (go back with tractrain-resume "
@@ -144,6 +156,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "noise_mm": (0, 1e4, False), "noise_truncation": (0, 1e4, True),
     "radius_mm": (0, 1e4, False), "resolution_mm": (0, 1e4, True),
     "num_workers": (0, 1024, False), "cache_gb": (0, 1e6, False),
+    "device_cache_gb": (0, 1e6, True),
     "weight_decay": (0, 1e6, False), "clip_grad_norm": (0, 1e12, True),
     "patience": (1, BIG, False), "min_delta": (0, 1e12, False),
     "gen_every": (1, BIG, False), "gen_streamlines": (1, 10**7, False),
@@ -159,11 +172,12 @@ SECTIONS = {
                 "max_batches_train", "max_batches_valid", "valid_fraction"),
     "loader": ("step_size", "compress", "split_ratio", "reverse_ratio", "noise_mm",
                "noise_truncation", "volume_group", "neighborhood", "radius_mm", "resolution_mm",
-               "outside", "allow_zero_inputs", "interpolate", "num_workers", "lazy", "cache_gb"),
+               "outside", "allow_zero_inputs", "interpolate", "num_workers", "lazy", "cache_gb",
+               "pin_memory", "device_cache_gb"),
     "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
                                "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
-                               "device", "amp",
+                               "device", "precision", "amp", "deterministic",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
                                "progress", "log_every", "keep_checkpoints", "requeue"),
 }

@@ -14,7 +14,7 @@ from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
-             "log_every")
+             "log_every", "precision", "pin_memory", "device_cache_gb")
 # Their help here (else the option table's, the recorded value being the default).
 HELP = {
     "max_epochs": "new total number of epochs (extends a finished run)",
@@ -23,6 +23,9 @@ HELP = {
     "num_workers": "DataLoader workers (does not change the batches)",
     "device": "cpu | cuda | cuda:N | auto",
     "progress": "progress bars on/off",
+    "precision": "32 | 16-mixed | bf16-mixed (replaces the recorded --amp)",
+    "pin_memory": "pinned DataLoader batches (default: on with CUDA)",
+    "device_cache_gb": "volume budget on the device with --interpolate device (GiB)",
 }
 
 
@@ -99,6 +102,8 @@ def resume(args: argparse.Namespace) -> int:
         from_scratch = is_unstarted(exp_dir)
         if not from_scratch:
             read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
+        if "precision" in overrides:
+            config["amp"] = False  # its older alias no longer applies
         if from_scratch:
             print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
                   "starting from scratch with its recorded config", flush=True)

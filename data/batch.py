@@ -12,6 +12,7 @@ index)``), never from a generator copied into DataLoader workers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -170,32 +171,57 @@ def load_batch(
 class DeviceInputs:
     """Interpolate inputs on a device (e.g. the GPU) in the main process.
 
-    Keeps subjects' volumes on ``device`` in an LRU cache bounded by ``cache_bytes``. Use as
-    the trainer's ``prepare_batch``: ``batch = device_inputs(batch, device)``.
+    Keeps subjects' volumes on ``device`` in an LRU cache bounded by ``cache_bytes``. A volume
+    larger than the whole budget is refused (`ConfigError`), never uploaded again at every
+    batch: at construction for ``subjects`` (from the store's shapes), else at first use.
+    Use as the trainer's ``prepare_batch``: ``batch = device_inputs(batch, device)``.
     """
 
-    def __init__(self, store, group: str, inputs: InputConfig, cache_bytes: int = 2 * 2**30):
+    def __init__(self, store, group: str, inputs: InputConfig, cache_bytes: int = 2 * 2**30,
+                 subjects: Sequence[str] = ()) -> None:
         self.store, self.group, self.inputs = store, group, inputs
         self.volumes = ByteLRU(cache_bytes)
+        for subject in subjects:
+            self._check_size(subject, self.volume_bytes(subject))
+
+    def volume_bytes(self, subject: str) -> int:
+        """Bytes a subject's volume takes on the device (its shape and dtype in the store)."""
+        group = self.inputs.volume_group
+        shape = self.store.volume_info(subject, group)["shape"]
+        itemsize = 2 if self.store.volume_groups[group].get("dtype") == "float16" else 4
+        return math.prod(int(d) for d in shape) * itemsize
+
+    def _check_size(self, subject: str, size: int) -> None:
+        budget = self.volumes.max_bytes
+        if budget is not None and size > budget:
+            raise ConfigError(
+                f"device_cache_gb {budget / 2**30:.3g}: the {self.inputs.volume_group!r} volume of "
+                f"subject {subject!r} takes {size / 2**30:.3g} GiB on the device; raise "
+                "device_cache_gb above that or interpolate in the workers")
+
+    def _upload(self, subject: str, device: torch.device) -> torch.Tensor:
+        volume = torch.from_numpy(self.store.volume(subject, self.inputs.volume_group))
+        self._check_size(subject, volume.nbytes)
+        return volume.to(device)
 
     def __call__(self, batch: Batch, device: torch.device | str) -> Batch:
         device = torch.device(device)
+        counts = self._point_counts(batch)  # read before the copy: no device sync per batch
         batch = batch.to(device, non_blocking=True)
         feats = []
-        for subject, points in zip(batch.subject_names, self._per_subject(batch), strict=True):
-            volume = self.volumes.get(
-                (subject, self.inputs.volume_group, str(device)),
-                lambda s=subject: torch.from_numpy(
-                    self.store.volume(s, self.inputs.volume_group)).to(device),
-            )
+        per_subject = torch.split(batch.points, counts)
+        for subject, points in zip(batch.subject_names, per_subject, strict=True):
+            volume = self.volumes.get((subject, self.inputs.volume_group, str(device)),
+                                      lambda s=subject: self._upload(s, device))
             feats.append(subject_inputs(self.store, subject, self.group, points, self.inputs,
                                         volume))
         batch.inputs = torch.cat(feats)
         return batch
 
     @staticmethod
-    def _per_subject(batch: Batch) -> list[torch.Tensor]:
+    def _point_counts(batch: Batch) -> list[int]:
+        """Points of each subject of the batch (its points are grouped by subject)."""
         point_counts = torch.zeros(len(batch.subject_names), dtype=torch.int64,
                                    device=batch.lengths.device)
         point_counts.index_add_(0, batch.subjects, batch.lengths)
-        return list(torch.split(batch.points, point_counts.tolist()))
+        return point_counts.tolist()

@@ -17,6 +17,7 @@ from ignite.engine import Engine
 from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
+from tractrain.engine.precision import Precision
 from tractrain.engine.rng import GlobalRNG
 from tractrain.engine.trainer import LossFn, TrainStep, create_evaluator
 from tractrain.errors import CheckpointError, ConfigError
@@ -52,6 +53,8 @@ def train_and_validate(
     train_sampler=None,
     device: str | torch.device = "cpu",
     amp: bool = False,
+    precision: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
     lr_schedule=None,
     nan_policy: str = "stop",
@@ -93,6 +96,9 @@ def train_and_validate(
     Progress goes to the ``tractrain`` logger (`EpochLog`): a line per epoch at INFO and, with
     ``log_every`` N, the iteration loss every N iterations at DEBUG. ``batch_check`` runs on
     the first training batches (`TrainStep`), e.g. `ZeroInputsCheck`.
+
+    ``precision`` is ``32``, ``16-mixed`` or ``bf16-mixed`` (``amp=True`` is ``16-mixed``;
+    see `tractrain.engine.precision`); ``scaler`` replaces the default `GradScaler`.
     """
     exp_dir = Path(exp_dir)
     sampler = train_sampler if train_sampler is not None else train_loader.sampler
@@ -101,19 +107,20 @@ def train_and_validate(
         _check_shard(sampler, get_rank(), world_size)
     net = unwrap(model)  # what is saved, validated and restored
     model = auto_model(model)  # DDP when distributed, else unchanged
-    step = TrainStep(model, optimizer, loss_fn, device=device, amp=amp,
+    mixed = Precision(precision, device, amp=amp, scaler=scaler)  # warns once if no CUDA
+    step = TrainStep(model, optimizer, loss_fn, device=device, precision=mixed,
                      clip_grad_norm=clip_grad_norm, prepare_batch=prepare_batch,
                      nan_policy=nan_policy, check_every=check_every, batch_check=batch_check)
     trainer = step.create_engine()
     position = SamplerEpochs(sampler).attach(trainer)
-    objects: dict = {"model": net, "optimizer": optimizer, "scaler": step.scaler,
+    objects: dict = {"model": net, "optimizer": optimizer, "scaler": mixed,
                      "position": position, "train_loss": step.mean}
     if lr_schedule is not None:
         objects["lr"] = EpochLR(lr_schedule, optimizer).attach(trainer)
     Timing().attach(trainer)
     objects["grad_norm"] = GradNorm().attach(trainer)
     if valid_loader is not None:
-        evaluator = create_evaluator(net, loss_fn, device=device, amp=amp,
+        evaluator = create_evaluator(net, loss_fn, device=device, precision=mixed,
                                      prepare_batch=prepare_batch)
         Validation(evaluator, valid_loader).attach(trainer)
     names = producer_names(producers, taken=(*STATE_NAMES, *(extra_state or {})))
@@ -134,9 +141,9 @@ def train_and_validate(
         objects["comet"] = CometLogger(exp_dir, **{"params": config, **comet})
         objects["comet"].attach(trainer)
     EpochLog(patience, log_every).attach(trainer)
-    Progress(enabled=progress).attach(trainer)
+    Progress(enabled=progress, read_every=step.check_every).attach(trainer)  # no sync per batch
     objects.update(extra_state or {})
-    objects["rng"] = GlobalRNG()
+    objects["rng"] = GlobalRNG(device)  # CUDA: this rank's own device only
     if world_size > 1:  # states that differ by rank: each rank resumes its own
         objects["train_loss"] = PerRank(step.mean, "train_loss")
         objects["rng"] = PerRank(objects["rng"], "rng")
@@ -205,6 +212,8 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module,
     if get_world_size() == 1 and ranks != 1:
         raise CheckpointError(f"{checkpoint.path}: written by a run of {ranks} processes; "
                               f"resume it with as many (--nproc-per-node {ranks})")
+    if "scaler" in checkpoint.objects:
+        states.setdefault("scaler", {})  # none saved: a fresh scaler (`Precision`)
     if "model" in states:
         check_model_state(model, states["model"], str(checkpoint.path))
     checkpoint.restore(states, strict=False)

@@ -17,16 +17,22 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events, State
 
 from tractrain.engine.contract import FirstCallChecked, check_loss_result
-from tractrain.engine.distributed import all_reduce_sum
+from tractrain.engine.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    any_rank,
+    is_distributed,
+)
+from tractrain.engine.precision import Precision
 from tractrain.errors import ConfigError
 
+log = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, int | torch.Tensor]]
 NAN_POLICIES = ("stop", "skip")
 
@@ -79,13 +85,14 @@ class EpochMean:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the epoch's sums and skipped-batch count."""
+        """Forget the epoch's sums and skipped-batch counts."""
         self.total: float | torch.Tensor = 0.0
         self.count = 0.0
-        self.skipped = 0
+        self.skipped = 0  # batches dropped by nan_policy "skip"
+        self.amp_skipped: int | torch.Tensor = 0  # steps the AMP scaler skipped (overflow)
 
-    def update(self, loss: float | torch.Tensor, n: float) -> None:
-        """Add a batch; a loss on a GPU is summed there and read once per epoch."""
+    def update(self, loss: float | torch.Tensor, n: float | torch.Tensor) -> None:
+        """Add a batch; a loss (or weight) on a GPU is summed there and read once per epoch."""
         if isinstance(loss, torch.Tensor):
             loss = loss.item() if loss.device.type == "cpu" else loss.detach().double()
         self.total += loss * n
@@ -98,20 +105,17 @@ class EpochMean:
         return total / count if count else math.nan
 
     def state_dict(self) -> dict:
-        return {"total": float(self.total), "count": self.count, "skipped": self.skipped}
+        return {"total": float(self.total), "count": float(self.count), "skipped": self.skipped,
+                "amp_skipped": int(self.amp_skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self.count = float(state["total"]), float(state["count"])
         self.skipped = int(state.get("skipped", 0))
+        self.amp_skipped = int(state.get("amp_skipped", 0))
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
-
-
-def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
-    """The mixed-precision context of a forward pass (AMP on CUDA only, else a no-op)."""
-    return torch.autocast("cuda") if amp and device.type == "cuda" else nullcontext()
 
 
 def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -136,6 +140,13 @@ def scaled_norm(norm: float | torch.Tensor, factor: float | torch.Tensor) -> flo
     return float(np.float32(norm) * np.float32(factor))
 
 
+def _weight(n: int | float | torch.Tensor) -> float | torch.Tensor:
+    """A batch's weight ``n``: a float, or the tensor itself on a GPU (no host read)."""
+    if isinstance(n, torch.Tensor) and n.device.type != "cpu":
+        return n.detach().double()
+    return float(n)
+
+
 def _to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True)
 
@@ -147,17 +158,27 @@ def _skipped_output() -> dict:
 
 class TrainStep:
     """One optimisation step per batch: the process function ``(engine, batch) -> dict`` of the
-    trainer. Holds the model, the optimizer, the AMP `GradScaler` (``scaler``) and the epoch's
-    loss mean (``mean``); checkpoint those two with the model to resume exactly.
+    trainer. Holds the model, the optimizer, the `Precision` (``precision``, with the AMP
+    ``scaler``) and the epoch's loss mean (``mean``); checkpoint those with the model to
+    resume exactly.
+
+    fp16 AMP is torch's recipe: ``scale(loss).backward()``, ``unscale_`` (once: the norm and
+    clipping see true gradients), clip, ``scaler.step``, ``update``. Overflow steps are skipped
+    by the scaler, which backs off: normal, counted in ``amp_skipped_steps``, never errors.
 
     Args:
         device: where batches are moved (``batch.to(device, non_blocking=True)``).
         clip_grad_norm: max total L2 norm of the gradients (None: no clipping).
-        amp: automatic mixed precision (CUDA only; ignored on CPU).
+        amp: alias of ``precision="16-mixed"``.
+        precision: ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"`` (CUDA only: fp32 with a
+            warning elsewhere), or a `Precision` shared with the evaluator.
+        scaler: a `GradScaler` to use (e.g. an enabled CPU one, to emulate fp16 on CPU).
         prepare_batch: ``f(batch, device) -> batch`` replacing the default ``.to(device)``
             (e.g. to interpolate inputs on the GPU).
-        nan_policy: ``"stop"`` raises `NonFiniteError` naming the epoch and iteration (the last
-            checkpoint is left untouched); ``"skip"`` drops the batch's update.
+        nan_policy: what to do with a non-finite loss, or non-finite gradients the scaler does
+            not own (any in fp32): ``"stop"`` raises `NonFiniteError` naming the epoch and
+            iteration (the last checkpoint is left untouched); ``"skip"`` drops the batch's
+            update. In a distributed run the ranks agree: all stop or skip the same step.
         check_every: how often the loss and gradient norm are read on the host to check them.
             Default: every iteration on CPU (free), every 50 on other devices, so the GPU runs
             ahead without a host sync per batch: the values stay on the device (first bad
@@ -177,6 +198,8 @@ class TrainStep:
         device: str | torch.device = "cpu",
         clip_grad_norm: float | None = None,
         amp: bool = False,
+        precision: str | Precision | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         prepare_batch: Callable | None = None,
         nan_policy: str = "stop",
         check_every: int | None = None,
@@ -195,9 +218,11 @@ class TrainStep:
             raise ConfigError(f"check_every: expected >= 1, got {check_every}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.clip, self.nan_policy, self.check_every = clip_grad_norm, nan_policy, check_every
-        self.amp = bool(amp) and self.device.type == "cuda"
-        self.autocast = autocast(self.device, self.amp)  # reusable: entered once per step
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.precision = precision if isinstance(precision, Precision) else Precision(
+            precision, self.device, amp=amp, scaler=scaler)
+        self.scaler = self.precision.scaler
+        self.amp = self.precision.scaling
+        self.autocast = self.precision.autocast()  # reusable: entered once per step
         self.mean = EpochMean()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._prepare = prepare_batch or _to_device
@@ -231,53 +256,71 @@ class TrainStep:
             loss, n = self._call_loss(self.model, batch)
         if self.amp:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # once per step, before norm and clipping
         else:
             loss.backward()
-        loss, n, norm = loss.detach(), float(n), total_grad_norm(self.params)
+        loss, n, norm = loss.detach(), _weight(n), total_grad_norm(self.params)
         checked = self._check(engine, loss, norm)
         if checked is None:  # a non-finite batch under nan_policy "skip"
             return _skipped_output()
-        loss_value, norm_value = checked  # host floats, or the tensors with deferred checks
+        loss_value, norm_value, overflow = checked  # host values, or tensors (deferred)
         clipped = norm_value
         if self.clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, norm)
             clipped = scaled_norm(norm_value, clip_factor(norm_value, self.clip))
         if self.amp:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.scaler.step(self.optimizer)  # skipped by the scaler on overflow
+            self.scaler.update()  # ... which then backs off the scale
         else:
             self.optimizer.step()
         self.mean.update(loss_value, n)
-        return {"loss": loss, "n": n, "grad_norm": clipped, "unclipped_grad_norm": norm_value}
+        output = {"loss": loss, "n": n, "grad_norm": clipped, "unclipped_grad_norm": norm_value}
+        if overflow is True:
+            output["skipped"] = True  # no update: its (inf) norms are not the epoch's
+        return output
 
     def _check(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> tuple | None:
-        """``(loss, norm)`` read on the host and checked; with deferred checks the tensors
-        themselves, the first non-finite iteration noted on the device for `check_finite`.
-        None: a non-finite batch to skip (nan_policy "skip"; "stop" raises)."""
-        if self.check_every > 1:  # a NaN/inf in either makes the sum non-finite
+        """``(loss, norm, overflow)`` read on the host and checked; with deferred checks the
+        tensors themselves (the first non-finite iteration noted on the device for
+        `check_finite`) and None. ``overflow``: the scaler skips this step. None: a non-finite
+        batch to skip (nan_policy "skip"; "stop" raises)."""
+        if self.check_every > 1:
             first = self._first_bad
-            first.masked_fill_((first < 0) & ~torch.isfinite(loss + norm), engine.state.iteration)
-            return loss, norm
+            bad = ~torch.isfinite(loss if self.amp else loss + norm)  # NaN/inf in either
+            first.masked_fill_((first < 0) & bad, engine.state.iteration)
+            if self.amp:
+                self.mean.amp_skipped = self.mean.amp_skipped + (~torch.isfinite(norm)).long()
+            return loss, norm, None
         value, norm_value = float(loss), float(norm)  # one host read each, reused below
-        if math.isfinite(value) and math.isfinite(norm_value):
-            return value, norm_value
-        what = "non-finite gradient norm" if math.isfinite(value) else \
-            f"non-finite loss ({value})"
+        bad_loss, bad_norm = not math.isfinite(value), not math.isfinite(norm_value)
+        bad = bad_loss or (bad_norm and not self.amp)  # the scaler owns overflowed gradients
+        if is_distributed():
+            bad = any_rank(bad)  # every rank skips or stops the same step
+        state = engine.state
+        if not bad:
+            if self.amp and bad_norm:
+                self.mean.amp_skipped += 1
+                log.debug("iteration %d: fp16 overflow, step skipped", state.iteration)
+            return value, norm_value, self.amp and bad_norm
+        what = (f"non-finite loss ({value})" if bad_loss else "non-finite gradient norm"
+                if bad_norm else "non-finite loss or gradient on another rank")
         self.optimizer.zero_grad(set_to_none=True)
-        message = f"{what} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        message = f"{what} at epoch {state.epoch}, iteration {state.iteration}"
         if self.nan_policy == "stop":
             raise NonFiniteError(message + " (use nan_policy='skip' to drop such batches)")
-        self.scaler.update()  # after unscale_ without step: AMP lowers its scale
+        if self.amp:
+            self.scaler.update()  # after unscale_ without step: resets it (backs off if inf)
         self.mean.skipped += 1
         return None
 
     def check_finite(self, engine: Engine | None = None) -> None:
         """Raise `NonFiniteError` if a batch since the last check had a NaN/inf (one host read
-        with deferred checks; nothing to do otherwise)."""
+        with deferred checks, agreed by every rank; nothing to do otherwise)."""
         if self.check_every == 1:
             return
         bad = int(self._first_bad)
+        if is_distributed():  # every rank stops together, at the earliest bad iteration
+            bad = min((b for b in all_gather_objects(bad) if b >= 0), default=-1)
         if bad >= 0:
             self._first_bad.fill_(-1)
             self.optimizer.zero_grad(set_to_none=True)
@@ -287,10 +330,14 @@ class TrainStep:
 
     def _epoch_completed(self, engine: Engine) -> None:
         self.check_finite()
-        engine.state.metrics["train_loss"] = self.mean.compute_global()
-        engine.state.metrics["lr"] = current_lr(self.optimizer)
+        metrics = engine.state.metrics
+        metrics["train_loss"] = self.mean.compute_global()
+        metrics["lr"] = current_lr(self.optimizer)
         if self.nan_policy == "skip":
-            engine.state.metrics["skipped_batches"] = float(self.mean.skipped)
+            metrics["skipped_batches"] = float(self.mean.skipped)
+        if self.amp:
+            metrics["amp_skipped_steps"] = float(self.mean.amp_skipped)
+            metrics["amp_scale"] = float(self.scaler.get_scale())
         self.mean.reset()
 
     def attach(self, engine: Engine) -> TrainStep:
@@ -330,6 +377,7 @@ def create_evaluator(
     device: str | torch.device = "cpu",
     prepare_batch: Callable | None = None,
     amp: bool = False,
+    precision: str | Precision | None = None,
 ) -> Engine:
     """Engine computing the n-weighted mean loss in ``eval()`` mode under ``torch.no_grad()``
     (the first batch's result is checked against the loss contract).
@@ -339,15 +387,18 @@ def create_evaluator(
     device = torch.device(device)
     prepare = prepare_batch or _to_device
     mean = EpochMean()
-    mixed_precision = autocast(device, amp)
+    if not isinstance(precision, Precision):
+        precision = Precision(precision, device, amp=amp)
+    mixed_precision = precision.autocast()
     checked = FirstCallChecked(loss_fn, training=False)
 
     def step(engine: Engine, batch) -> dict:
         model.eval()
         with torch.no_grad(), mixed_precision:
             loss, n = checked.call(model, prepare(batch, device))
-        mean.update(float(loss), float(n))
-        return {"loss": loss.detach(), "n": float(n)}
+        n = _weight(n)
+        mean.update(loss.detach(), n)  # on a GPU: summed there, read once at the end
+        return {"loss": loss.detach(), "n": n}
 
     evaluator = Engine(step)
     evaluator.add_event_handler(Events.STARTED, lambda engine: mean.reset())

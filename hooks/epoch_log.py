@@ -24,7 +24,8 @@ class EpochLog:
     and ``resumed from epoch E, iteration I`` at the STARTED of a resumed run.
 
     Reads ``state.metrics`` (``bad_epochs`` from `Patience`, ``skipped_batches`` with the skip
-    NaN policy) and ``state.best_epoch`` (from `BestModel`): attach it after those hooks.
+    NaN policy, ``amp_skipped_steps`` with fp16 AMP) and ``state.best_epoch`` (from
+    `BestModel`): attach it after those hooks.
     ``patience`` is the limit shown beside ``bad_epochs``. With ``log_every`` N, a DEBUG line
     gives the iteration loss every N iterations (read only then, and only when DEBUG is on).
     """
@@ -84,6 +85,10 @@ class EpochLog:
         skipped = to_float(metrics.get("skipped_batches"))
         if skipped:
             parts.append(f"skipped {int(skipped)} non-finite batches")
+        overflows = to_float(metrics.get("amp_skipped_steps"))
+        if overflows:  # normal in fp16 AMP: the scaler skipped them and backed off
+            parts.append(f"amp skipped {int(overflows)} overflow steps (scale "
+                         f"{to_float(metrics.get('amp_scale')) or 0:g})")
         bad = to_float(metrics.get("bad_epochs"))
         if self.patience is not None and bad is not None:
             parts.append(f"patience {int(bad)}/{self.patience}")

@@ -1,4 +1,5 @@
-"""Per-batch gradient norms (before and after clipping), aggregated per epoch."""
+"""Per-batch gradient norms (before and after clipping), aggregated per epoch
+(non-finite values, e.g. of steps the AMP scaler skipped, left out)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ class GradNorm:
 
     def _publish(self, trainer: Engine) -> None:
         self._to_floats()
-        for key, values in self.batch_values.items():
+        for key, values in self.batch_values.items():  # an AMP overflow step's inf left out
+            values = [v for v in values if math.isfinite(v)]
+            self.batch_values[key] = values
             trainer.state.metrics[key] = math.fsum(values) / len(values) if values else math.nan
         values = self.batch_values["unclipped_grad_norm"]
         trainer.state.metrics["unclipped_grad_norm_max"] = max(values) if values else math.nan

@@ -24,6 +24,8 @@ class Progress:
         metric_names: keys of the iteration output to show.
         ema: weight of the newest value in the moving average (1.0 shows the raw value).
         file: stream the bars write to (default ``sys.stderr``).
+        read_every: read the output values (a host sync for values on a GPU) only every N
+            iterations and at an epoch's first; the bar shows the last value read between.
     """
 
     def __init__(
@@ -32,12 +34,14 @@ class Progress:
         metric_names: Iterable[str] = ("loss",),
         ema: float = 0.1,
         file: IO[str] | None = None,
+        read_every: int = 1,
     ) -> None:
         self.file = file
         stream = sys.stderr if file is None else file
         self.enabled = bool(enabled) if enabled is not None else _isatty(stream)
         self.metric_names = tuple(metric_names)
         self.ema = float(ema)
+        self.read_every = max(1, int(read_every))
         self.running: dict[str, float] = {}
         self._epoch_bar: tqdm | None = None
         self._iter_bar: tqdm | None = None
@@ -79,7 +83,8 @@ class Progress:
         if self._iter_bar is None:
             return
         output = engine.state.output
-        if isinstance(output, dict):
+        due = not self.running or engine.state.iteration % self.read_every == 0
+        if due and isinstance(output, dict):
             for name in self.metric_names:
                 value = to_float(output.get(name))
                 if value is None:
