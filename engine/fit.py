@@ -16,10 +16,11 @@ from ignite.engine import Engine
 
 from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size
 from tractrain.engine.epochs import SamplerEpochs
+from tractrain.engine.evaluator import create_evaluator
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.precision import Precision
 from tractrain.engine.rng import GlobalRNG
-from tractrain.engine.trainer import LossFn, TrainStep, create_evaluator
+from tractrain.engine.trainer import LossFn, TrainStep
 from tractrain.errors import CheckpointError, ConfigError
 from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.checkpoint import (

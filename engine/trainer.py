@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events, State
 
-from tractrain.engine.contract import FirstCallChecked, check_loss_result
+from tractrain.engine.contract import check_loss_result
 from tractrain.engine.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -368,44 +368,3 @@ def create_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
     ``trainer = step.create_engine()``.
     """
     return TrainStep(model, optimizer, loss_fn, **options).create_engine()
-
-
-def create_evaluator(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    *,
-    device: str | torch.device = "cpu",
-    prepare_batch: Callable | None = None,
-    amp: bool = False,
-    precision: str | Precision | None = None,
-) -> Engine:
-    """Engine computing the n-weighted mean loss in ``eval()`` mode under ``torch.no_grad()``
-    (the first batch's result is checked against the loss contract).
-
-    The result is ``evaluator.state.metrics["loss"]`` after ``evaluator.run(loader)``.
-    """
-    device = torch.device(device)
-    prepare = prepare_batch or _to_device
-    mean = EpochMean()
-    if not isinstance(precision, Precision):
-        precision = Precision(precision, device, amp=amp)
-    mixed_precision = precision.autocast()
-    checked = FirstCallChecked(loss_fn, training=False)
-
-    def step(engine: Engine, batch) -> dict:
-        model.eval()
-        with torch.no_grad(), mixed_precision:
-            loss, n = checked.call(model, prepare(batch, device))
-        n = _weight(n)
-        mean.update(loss.detach(), n)  # on a GPU: summed there, read once at the end
-        return {"loss": loss.detach(), "n": n}
-
-    evaluator = Engine(step)
-    evaluator.add_event_handler(Events.STARTED, lambda engine: mean.reset())
-
-    @evaluator.on(Events.COMPLETED)
-    def _write(engine: Engine) -> None:
-        engine.state.metrics["loss"] = mean.compute_global()
-        model.train()
-
-    return evaluator

@@ -10,7 +10,8 @@ import torch
 
 from tractrain.engine.contract import CONTRACT
 from tractrain.engine.evaluate import evaluate
-from tractrain.engine.trainer import TrainStep, create_evaluator
+from tractrain.engine.evaluator import create_evaluator
+from tractrain.engine.trainer import TrainStep
 from tractrain.errors import ConfigError, LossContractError
 
 

@@ -62,10 +62,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from tractrain.data.store import open_store as open_store
     from tractrain.engine.epochs import SamplerEpochs as SamplerEpochs
     from tractrain.engine.evaluate import evaluate as evaluate
+    from tractrain.engine.evaluator import create_evaluator as create_evaluator
     from tractrain.engine.fit import train_and_validate as train_and_validate
     from tractrain.engine.reuse import load_model as load_model
     from tractrain.engine.rng import seed_everything as seed_everything
-    from tractrain.engine.trainer import create_evaluator as create_evaluator
     from tractrain.engine.trainer import create_trainer as create_trainer
     from tractrain.hooks.best_model import BestModel as BestModel
     from tractrain.hooks.checkpoint import Checkpoint as Checkpoint
