@@ -14,7 +14,7 @@ from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
-             "log_every")
+             "log_every", "dist_timeout")
 
 
 def make_parser() -> ArgumentParser:
@@ -37,6 +37,9 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--progress", metavar="BOOL", help="progress bars on/off")
     parser.add_argument("--log-every", dest="log_every", metavar="N",
                         help="with -v, log the training loss every N iterations")
+    parser.add_argument("--dist-timeout", dest="dist_timeout", metavar="SECONDS",
+                        help="under torchrun: seconds to wait for a peer rank (default: the "
+                        "recorded one)")
     add_verbosity_flags(parser)
     add_trust_flags(parser, loss=True)
     return parser
@@ -75,31 +78,55 @@ def trusted_code(args: argparse.Namespace, config: dict, source: str,
 def resume(args: argparse.Namespace) -> int:
     """Resume under the experiment's writer lock; ``config.json`` is rewritten (with the
     overrides, for next time) only once a checkpoint of the resumed run exists."""
-    from tractrain.bin.train import train_to_end, writer_lock
+    from tractrain.bin.train import train_to_end
+    from tractrain.engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # the ranks meet first, then rank 0 reads the folder
+        from tractrain.bin.launch import torchrun_resume
+
+        return torchrun_resume(args)
+    exp_dir = Path(args.experiment)
+    config, from_scratch, before, lock = prepare_resume(args)
+    with lock:
+        try:
+            return train_to_end(config, exp_dir, resume=not from_scratch, debug=args.debug,
+                                prog="tractrain-resume")
+        finally:
+            keep_config(ExperimentDir(exp_dir), config, before)
+
+
+def prepare_resume(args: argparse.Namespace):
+    """``(config, from_scratch, checkpoint stamp, lock)``: the experiment's config with the
+    overrides, under its writer lock (held until released), after the checks."""
+    from tractrain.bin.train import writer_lock
     from tractrain.hooks.checkpoint import read_meta
 
     exp_dir = Path(args.experiment)
     exp = ExperimentDir(exp_dir)
-    config = read_config(exp_dir)  # refuses a missing folder before taking the lock
-    with writer_lock(exp):
+    read_config(exp_dir)  # refuses a missing folder before taking the lock
+    lock = writer_lock(exp)
+    try:
         config = trusted_code(args, read_config(exp_dir), str(exp.config))
         from_scratch = is_unstarted(exp_dir)
         if not from_scratch:
             read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
         for name in OVERRIDES:
-            value = getattr(args, name)
+            value = getattr(args, name, None)
             if value is not None:
                 config[name] = convert(name, value, "--" + name.replace("_", "-"))
-        before = checkpoint_stamp(exp)
-        if from_scratch:
-            print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
-                  "starting from scratch with its recorded config", flush=True)
-        try:
-            return train_to_end(config, exp_dir, resume=not from_scratch, debug=args.debug,
-                                prog="tractrain-resume")
-        finally:
-            if checkpoint_stamp(exp) != before:  # the run started and saved: keep its config
-                atomic_write_json(exp.config, config)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    if from_scratch:
+        print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
+              "starting from scratch with its recorded config", flush=True)
+    return config, from_scratch, checkpoint_stamp(exp), lock
+
+
+def keep_config(exp: ExperimentDir, config: dict, before: bytes | None) -> None:
+    """Record the resumed run's config once it has saved a checkpoint of its own."""
+    if checkpoint_stamp(exp) != before:
+        atomic_write_json(exp.config, config)
 
 
 def checkpoint_stamp(exp: ExperimentDir) -> bytes | None:

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine
 
-from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size
+from tractrain.engine.distributed import (
+    PerRank,
+    auto_model,
+    from_main,
+    get_rank,
+    get_world_size,
+)
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.optim import EpochLR
 from tractrain.engine.rng import GlobalRNG
@@ -129,7 +135,8 @@ def train_and_validate(
     checkpoint = Checkpoint(exp_dir, objects, config=config, every_iterations=checkpoint_every,
                             before_save=step.check_finite).attach(trainer)
     if handle_signals:
-        GracefulStop(checkpoint, resume_hint=resume_hint).attach(trainer)
+        GracefulStop(checkpoint, resume_hint=resume_hint,
+                     check_every=step.check_every).attach(trainer)
 
     if resume:
         restore(checkpoint, net, renamed={f"producer_{i}": n for i, n in enumerate(names)})
@@ -177,8 +184,8 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module,
     """Load ``<exp>/checkpoint`` into every object of ``checkpoint``; returns its meta.
 
     ``renamed`` maps old state keys to current ones (checkpoints of tractrain <= 0.1 keyed
-    producers ``producer_<i>``)."""
-    meta, states = load_checkpoint(checkpoint.exp_dir)
+    producers ``producer_<i>``). Distributed: rank 0 reads it and broadcasts it."""
+    meta, states = from_main(lambda: load_checkpoint(checkpoint.exp_dir))
     for old, new in (renamed or {}).items():
         if old in states and new not in states:
             states[new] = states.pop(old)
