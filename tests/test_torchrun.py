@@ -61,22 +61,25 @@ def _kill_leftovers():
         proc.communicate()
 
 
-def launch(launcher: list[str], argv: list[str], home: Path, **env) -> subprocess.Popen:
+def launch(launcher: list[str], argv: list[str], home: Path, cwd: Path | None = None,
+           **env) -> subprocess.Popen:
     home.mkdir(exist_ok=True)
     proc = subprocess.Popen([*TORCHRUN, *launcher, *argv], env=child_env(HOME=str(home), **env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
     _started.append(proc)
     return proc
 
 
-def two_nodes(module: str, argv: list[str], tmp: Path, env0=None, env1=None):
-    """Node 0 and node 1 of one run (each its own HOME), started together."""
+def two_nodes(module: str, argv: list[str], tmp: Path, env0=None, env1=None, apart=False):
+    """Node 0 and node 1 of one run (each its own HOME), started together; ``apart``: each
+    in its own working folder (``tmp/home<rank>``), so that a relative path is a folder the
+    other node does not see."""
     port = str(free_port())
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
               "--master-port", port, "--max-restarts", "0"]
     return [launch([*common, "--node-rank", str(rank), "-m", module], argv,
-                   tmp / f"home{rank}", **(env or {}))
+                   tmp / f"home{rank}", cwd=tmp / f"home{rank}" if apart else None, **(env or {}))
             for rank, env in ((0, env0), (1, env1))]
 
 
@@ -161,3 +164,23 @@ def test_a_frozen_peer_ends_the_survivor_within_the_timeout(phantom_store, tmp_p
         "tractrain-train: error: rank 0: lost rank 1 (a collective timed out"), err
     assert "[rank0]:" not in err, err
     assert (exps / "run" / "checkpoint" / "state.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_without_a_shared_experiments_folder_rank_zero_sends_what_a_resume_needs(
+        phantom_store, tmp_path):
+    """``--experiments exps`` is a different folder on each node: only node 0's is written;
+    node 1 resumes from what rank 0 broadcasts (config, checkpoint)."""
+    first = args(phantom_store.path, "exps", "--max-epochs", "1")
+    for proc in two_nodes("tractrain.bin.train", first, tmp_path, apart=True):
+        code, err = finish(proc)
+        assert code == 0, err
+    assert not (tmp_path / "home1" / "exps").exists()
+    resume = ["exps/run", "--trust-experiment", "--max-epochs", "2"]
+    for proc in two_nodes("tractrain.bin.resume", resume, tmp_path, apart=True):
+        code, err = finish(proc)
+        assert code == 0, err
+    assert not (tmp_path / "home1" / "exps").exists()
+    state = torch.load(tmp_path / "home0" / "exps" / "run" / "checkpoint" / "state.pt",
+                       weights_only=True)
+    assert state["position"]["epoch"] == 2
