@@ -100,6 +100,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                   "in gen_within"),
     "nproc_per_node": (1, int, "processes for distributed data-parallel training (gloo on "
                                "CPU, nccl on GPU; or start tractrain-train under torchrun)"),
+    "dist_timeout": (600.0, float, "seconds a distributed run waits for its peers (rendezvous "
+                                   "and every collective) before a lost rank ends it"),
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
     "precision": (None, str, "32 | 16-mixed | bf16-mixed: fp32, or autocast to fp16 (with "
                              "a GradScaler) or bf16; CUDA only, fp32 with a warning elsewhere "
@@ -161,6 +163,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "patience": (1, BIG, False), "min_delta": (0, 1e12, False),
     "gen_every": (1, BIG, False), "gen_streamlines": (1, 10**7, False),
     "gen_within_mm": (0, 1e4, True), "nproc_per_node": (1, 1024, False),
+    "dist_timeout": (1, 1e6, False),
     "checkpoint_every": (1, BIG, False), "log_every": (1, BIG, False),
     "keep_checkpoints": (0, 10**6, False),
 }
@@ -177,6 +180,7 @@ SECTIONS = {
     "optimisation and hooks": ("optimizer", "lr", "weight_decay", "clip_grad_norm",
                                "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
+                               "dist_timeout",
                                "device", "precision", "amp", "deterministic",
                                "checkpoint_every", "comet", "comet_project", "comet_workspace",
                                "progress", "log_every", "keep_checkpoints", "requeue"),

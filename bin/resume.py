@@ -14,7 +14,7 @@ from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
-             "log_every", "precision", "pin_memory", "device_cache_gb")
+             "log_every", "precision", "pin_memory", "device_cache_gb", "dist_timeout")
 # Their help here (else the option table's, the recorded value being the default).
 HELP = {
     "max_epochs": "new total number of epochs (extends a finished run)",
@@ -26,6 +26,7 @@ HELP = {
     "precision": "32 | 16-mixed | bf16-mixed (replaces the recorded --amp)",
     "pin_memory": "pinned DataLoader batches (default: on with CUDA)",
     "device_cache_gb": "volume budget on the device with --interpolate device (GiB)",
+    "dist_timeout": "under torchrun: seconds to wait for a peer rank (default: the recorded one)",
 }
 
 
@@ -84,6 +85,22 @@ def trusted_code(args: argparse.Namespace, config: dict, source: str,
 def resume(args: argparse.Namespace) -> int:
     """Resume under the experiment's writer lock; ``config.json`` is rewritten (with the
     overrides, for next time) only once a checkpoint of the resumed run exists."""
+    from tractrain.engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # the ranks meet first, then rank 0 reads the folder
+        from tractrain.bin.launch import torchrun_resume
+
+        return torchrun_resume(args)
+    config, from_scratch, _, lock = prepare_resume(args)
+    with lock:
+        return continue_run(config, ExperimentDir(Path(args.experiment)),
+                            from_scratch=from_scratch, debug=args.debug, prog="tractrain-resume")
+
+
+def prepare_resume(args: argparse.Namespace):
+    """``(config, from_scratch, checkpoint stamp, lock)``: the experiment's config with the
+    overrides (after going back to a kept checkpoint if asked), under its writer lock (held
+    until released), after the checks."""
     from tractrain.bin.train import writer_lock
     from tractrain.hooks.checkpoint import read_meta
 
@@ -91,8 +108,9 @@ def resume(args: argparse.Namespace) -> int:
                  for name in OVERRIDES if getattr(args, name) is not None}
     exp_dir = Path(args.experiment)
     exp = ExperimentDir(exp_dir)
-    config = read_config(exp_dir)  # refuses a missing folder before taking the lock
-    with writer_lock(exp):
+    read_config(exp_dir)  # refuses a missing folder before taking the lock
+    lock = writer_lock(exp)
+    try:
         config = trusted_code(args, read_config(exp_dir), str(exp.config))
         config.update(overrides)
         if args.from_checkpoint is not None:
@@ -104,11 +122,13 @@ def resume(args: argparse.Namespace) -> int:
             read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
         if "precision" in overrides:
             config["amp"] = False  # its older alias no longer applies
-        if from_scratch:
-            print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
-                  "starting from scratch with its recorded config", flush=True)
-        return continue_run(config, exp, from_scratch=from_scratch, debug=args.debug,
-                            prog="tractrain-resume")
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    if from_scratch:
+        print(f"{exp_dir}: no checkpoint yet (the run stopped before its first one): "
+              "starting from scratch with its recorded config", flush=True)
+    return config, from_scratch, checkpoint_stamp(exp), lock
 
 
 def continue_run(config: dict, exp: ExperimentDir, *, from_scratch: bool, debug: bool,
@@ -121,8 +141,13 @@ def continue_run(config: dict, exp: ExperimentDir, *, from_scratch: bool, debug:
     try:
         return train_to_end(config, exp.root, resume=not from_scratch, debug=debug, prog=prog)
     finally:
-        if checkpoint_stamp(exp) != before:  # the run started and saved: keep its config
-            atomic_write_json(exp.config, config)
+        keep_config(exp, config, before)
+
+
+def keep_config(exp: ExperimentDir, config: dict, before: bytes | None) -> None:
+    """Record the resumed run's config once it has saved a checkpoint of its own."""
+    if checkpoint_stamp(exp) != before:
+        atomic_write_json(exp.config, config)
 
 
 def checkpoint_stamp(exp: ExperimentDir) -> bytes | None:

@@ -133,27 +133,47 @@ def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool) -> Non
         finish(trainer, Path(exp_dir), config)
 
 
+def signal_status(trainer) -> int:
+    """128 + the signal's number for a run stopped by a signal (130 SIGINT, 143 SIGTERM), else
+    0: the status of a rank other than 0 (rank 0 may requeue: `finish`)."""
+    from tractrain.bin.cluster import signal_status as status_of
+
+    stopped = getattr(trainer.state, "stopped_by_signal", None)
+    return status_of(stopped) if stopped else 0
+
+
 def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog: str) -> int:
     """Train (or resume), then plot and print the summary; a NaN stop is one line, status 1.
 
-    With ``nproc_per_node > 1`` (or under torchrun) every rank runs `run_training` through
-    ``ignite.distributed``; the demo store is built once here first.
+    With ``nproc_per_node > 1`` every rank runs `run_training` through
+    ``ignite.distributed``; the demo store is built once here first. In a process group
+    already joined (a torchrun rank, `tractrain.bin.launch`) this process is one rank: it
+    trains and rank 0 prints the summary.
     """
     from tractrain.bin.compose import open_run_store, resolve_device, run_training
-    from tractrain.engine.distributed import default_backend, launched_by_torchrun, run_distributed
+    from tractrain.engine.distributed import (
+        DEFAULT_TIMEOUT_S,
+        default_backend,
+        is_distributed,
+        is_main,
+        run_distributed,
+    )
     from tractrain.engine.trainer import NonFiniteError
 
     nproc = int(config.get("nproc_per_node") or 1)
-    if nproc > 1 or launched_by_torchrun():
+    if nproc > 1 and not is_distributed():
         open_run_store(config)  # build and cache the demo store before the ranks start
         backend = default_backend(resolve_device(config["device"]))
-        run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume))
+        run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume),
+                        timeout_s=float(config.get("dist_timeout") or DEFAULT_TIMEOUT_S))
         return 0
     try:
         trainer = run_training(config, exp_dir, resume=resume)
     except NonFiniteError as err:
         if debug:
             raise
+        if not is_main():
+            return EXIT_FAILED  # rank 0 says it, once
         if has_checkpoint(exp_dir):
             print(f"{prog}: stopped: {err}; last good checkpoint kept in "
                   f"{ExperimentDir(exp_dir).checkpoint}", file=sys.stderr)
@@ -161,7 +181,17 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
             print(f"{prog}: stopped before the first checkpoint: {err}; nothing was saved: fix "
                   "the cause, then run the same command again", file=sys.stderr)
         return EXIT_FAILED
-    return finish(trainer, exp_dir, config)
+    return finish(trainer, exp_dir, config) if is_main() else signal_status(trainer)
+
+
+def drop_if_unstarted(exp: ExperimentDir, lock) -> None:
+    """After a failed run: remove the folder if it holds nothing but its config (the run
+    stopped before its first checkpoint), so that the same command works again."""
+    if is_unstarted(exp.root):
+        exp.clear()
+        exp.config.unlink(missing_ok=True)
+        lock.release()
+        exp.root.rmdir()
 
 
 def train(args: argparse.Namespace) -> int:
@@ -173,6 +203,12 @@ def train(args: argparse.Namespace) -> int:
         config["cache_dir"] = str(demo_cache(config))
     if args.force and args.resume == "auto":
         raise ConfigError("--force and --resume auto: choose one (start over, or continue)")
+    from tractrain.engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # the ranks meet first, then rank 0 prepares the folder
+        from tractrain.bin.launch import torchrun_train
+
+        return torchrun_train(args, config)
     preflight(config)
     if args.resume == "auto":
         exp_dir = Path(config["experiments"]) / config["name"]
@@ -191,11 +227,8 @@ def train(args: argparse.Namespace) -> int:
                                   prog="tractrain-train")
             return status
         finally:
-            if status != 0 and is_unstarted(exp_dir):  # stopped before its first checkpoint:
-                exp.clear()  # leave nothing, so the same command works again
-                exp.config.unlink(missing_ok=True)
-                lock.release()
-                exp_dir.rmdir()
+            if status != 0:
+                drop_if_unstarted(exp, lock)
 
 
 def continue_auto(config: dict, given: set[str], exp_dir: Path, debug: bool) -> int:

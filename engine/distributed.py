@@ -5,23 +5,32 @@ A distributed run is N processes (ranks) in one process group, started by `run_d
 on CPU, ``nccl`` on GPUs. Each rank reads its own shard of every epoch
 (``BatchSampler(..., rank, world_size, drop_uneven=True)``), DDP (`auto_model`) averages the
 gradients, and the epoch losses are reduced over ranks (`all_reduce_sum`). Only rank 0
-writes files (`is_main`). With one process nothing here changes anything: every helper is the
-identity and no process group is created.
+reads or writes the experiment folder (`is_main`): what the other ranks need from it (the
+outcome of preparing it, the checkpoint to resume) is broadcast (`agree`, `from_main`), so the
+folder need not be on a filesystem every node shares. ``timeout`` bounds the rendezvous and
+every collective (`process_group`); `lost_peer` turns a collective that failed because a peer
+died or froze into one line. With one process nothing here changes anything: every helper is
+the identity and no process group is created.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import pickle
+import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 
-from tractrain.errors import CheckpointError, ConfigError
+from tractrain.errors import CheckpointError, ConfigError, TractrainError
 
 BACKENDS = ("gloo", "nccl")
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def get_rank() -> int:
@@ -77,6 +86,7 @@ def run_distributed(
     kwargs: dict | None = None,
     init_method: str | None = None,
     start_method: str = "spawn",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Run ``fn(local_rank, *args, **kwargs)`` on every rank of a process group.
 
@@ -85,6 +95,7 @@ def run_distributed(
     and ``nproc > 1`` spawns that many processes (``fn`` and its arguments must pickle) on a
     free local port, or ``init_method`` (e.g. ``file:///tmp/x``). Raises when a rank fails.
     ``start_method="fork"`` starts faster (CPU only: never fork a process that used CUDA).
+    ``timeout_s`` bounds the rendezvous and every collective (`process_group`).
 
     Args:
         backend: ``gloo`` or ``nccl``; default `default_backend` of the visible devices.
@@ -100,19 +111,134 @@ def run_distributed(
         raise ConfigError(f"nproc_per_node: {nproc} processes on nccl need as many GPUs, "
                           f"this machine has {torch.cuda.device_count()}")
     if launched_by_torchrun():
-        with idist.Parallel(backend=backend) as parallel:
-            parallel.run(fn, *args, **kwargs)
+        with process_group(backend, timeout_s):
+            fn(local_rank(), *args, **kwargs)
         return
     if nproc == 1:
         fn(0, *args, **kwargs)
         return
-    spawn: dict[str, Any] = {"nproc_per_node": nproc, "start_method": start_method}
+    spawn: dict[str, Any] = {"nproc_per_node": nproc, "start_method": start_method,
+                             "timeout": datetime.timedelta(seconds=timeout_s)}
     if init_method is not None:
         spawn["init_method"] = init_method
     else:
         spawn["master_port"] = free_port()
     with idist.Parallel(backend=backend, **spawn) as parallel:
         parallel.run(fn, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def process_group(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
+    """Join the process group of a ``torchrun`` launch (``env://``) for the ``with`` block.
+
+    ``timeout_s`` is ``init_process_group``'s timeout: it bounds the rendezvous and, on gloo,
+    every collective, so a dead or frozen peer ends the others (`lost_peer`) instead of
+    blocking them for torch's default 30 minutes. Already in a group: nothing changes."""
+    if is_distributed() or not launched_by_torchrun():
+        yield
+        return
+    if not timeout_s > 0:
+        raise ConfigError(f"--dist-timeout: expected a positive number of seconds, got "
+                          f"{timeout_s}")
+    idist.initialize(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        idist.finalize()
+
+
+_RANK_IN_MESSAGE = re.compile(r"\brank (\d+)\b", re.IGNORECASE)
+_PEER_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset|refused)|"
+                           r"broken pipe|socket|peer", re.IGNORECASE)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because a peer rank died, froze or lost the
+    network (None for any other error, and outside a distributed run).
+
+    Names the lost rank when it is knowable: the other one of two ranks, or a rank the
+    error names; "a peer rank" otherwise."""
+    if not is_distributed() or isinstance(error, TractrainError):
+        return None
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if not isinstance(error, dist_error) and not (
+            isinstance(error, RuntimeError) and _PEER_FAILURE.search(str(error))):
+        return None
+    me, world = get_rank(), get_world_size()
+    named = [int(r) for r in _RANK_IN_MESSAGE.findall(str(error)) if int(r) != me]
+    if world == 2:
+        peer = f"rank {1 - me}"
+    elif named and named[0] < world:
+        peer = f"rank {named[0]}"
+    else:
+        peer = "a peer rank"
+    what = "timed out" if re.search(r"timed out|timeout", str(error), re.IGNORECASE) \
+        else "failed"
+    return (f"rank {me}: lost {peer} (a collective {what}: the process died, froze or lost "
+            "the network); the last checkpoint is intact: continue with tractrain-resume")
+
+
+def _portable(error: BaseException, rank: int) -> BaseException:
+    """``error`` as it can travel to the other ranks (pickled), its message prefixed with
+    ``rank N:`` when ``rank`` is not 0 (rank 0 owns the experiment: its errors are everyone's).
+    """
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        message = f"{error.filename}: {error.strerror.lower()}"
+    if rank:
+        message = f"rank {rank}: {message}"
+    try:
+        copy = type(error)(message) if rank or isinstance(error, OSError) else error
+        pickle.loads(pickle.dumps(copy))
+        return copy
+    except Exception:  # an exception type that does not rebuild from its message
+        return TractrainError(message)
+
+
+def agree(fn: Callable[[], Any]) -> list[Any]:
+    """Every rank runs ``fn`` (each its own part: rank 0 prepares the experiment, the others
+    check what they will need), then they exchange the outcomes (one collective).
+
+    Returns ``[result of rank 0, of rank 1, ...]`` on every rank; if any rank failed, every
+    rank raises the error of the lowest failing rank instead (named ``rank N:`` unless N is 0;
+    chained to the original on rank N), so all of them end with the same one line.
+    One process: ``[fn()]``."""
+    if not is_distributed():
+        return [fn()]
+    rank, own = get_rank(), None
+    try:
+        mine: tuple = ("ok", fn())
+    except BaseException as err:  # every rank must hear of it
+        own, mine = err, ("error", _portable(err, rank))
+    outcomes = all_gather_objects(mine)
+    for source, (kind, value) in enumerate(outcomes):
+        if kind == "error":
+            if source == rank and own is not None:
+                if rank == 0:
+                    raise own
+                raise value from own  # the same line as the other ranks print
+            raise value
+    return [value for _, value in outcomes]
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only, its result (or its error) broadcast to every rank: how the
+    other ranks get what only rank 0 reads (the checkpoint to resume). One process: ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    own = None
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except BaseException as err:  # broadcast, then re-raise
+            own, box[0] = err, ("error", _portable(err, 0))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise own if own is not None else value
+    return value
 
 
 # -- model ---------------------------------------------------------------------------------

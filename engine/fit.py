@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine
 
-from tractrain.engine.distributed import PerRank, auto_model, get_rank, get_world_size
+from tractrain.engine.distributed import (
+    PerRank,
+    auto_model,
+    from_main,
+    get_rank,
+    get_world_size,
+)
 from tractrain.engine.epochs import SamplerEpochs
 from tractrain.engine.evaluator import create_evaluator
 from tractrain.engine.optim import EpochLR
@@ -152,7 +158,8 @@ def train_and_validate(
                             before_save=step.check_finite,
                             keep=keep_checkpoints).attach(trainer)
     if handle_signals:
-        GracefulStop(checkpoint, resume_hint=resume_hint).attach(trainer)
+        GracefulStop(checkpoint, resume_hint=resume_hint,
+                     check_every=step.check_every).attach(trainer)
 
     if resume:
         restore(checkpoint, net, renamed={f"producer_{i}": n for i, n in enumerate(names)})
@@ -200,8 +207,8 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module,
     """Load ``<exp>/checkpoint`` into every object of ``checkpoint``; returns its meta.
 
     ``renamed`` maps old state keys to current ones (checkpoints of tractrain <= 0.1 keyed
-    producers ``producer_<i>``)."""
-    meta, states = load_checkpoint(checkpoint.exp_dir)
+    producers ``producer_<i>``). Distributed: rank 0 reads it and broadcasts it."""
+    meta, states = from_main(lambda: load_checkpoint(checkpoint.exp_dir))
     if get_rank() == 0:
         for line in version_changes(meta):  # once per resume, one line per package
             log.warning(line)

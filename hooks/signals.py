@@ -23,14 +23,19 @@ class GracefulStop:
     (mid-epoch) and terminate the trainer with a message saying how to resume. A second SIGINT
     aborts at once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived.
 
-    In a single process nothing runs per iteration until a signal arrives; in a distributed
-    run every iteration asks all ranks (one all_reduce), so they stop at the same one."""
+    In a single process nothing runs per iteration until a signal arrives. In a distributed
+    run a signal may reach any rank (or all, from the launcher): the ranks agree on one stop
+    iteration by an all-reduce (max) of the received signal every ``check_every`` iterations
+    and at each epoch's end (never per iteration on the GPU path: use the trainer's
+    ``check_every``), so they stop, and save, at the same one."""
 
     def __init__(self, checkpoint, resume_hint: str | None = None,
-                 signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)) -> None:
+                 signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1),
+                 check_every: int = 1) -> None:
         self.checkpoint = checkpoint
         self.resume_hint = resume_hint
         self.signals = tuple(signals)
+        self.check_every = max(1, int(check_every))
         self.received: int | None = None
         self._previous: dict = {}
         self._trainer: Engine | None = None
@@ -39,6 +44,10 @@ class GracefulStop:
         trainer.add_event_handler(Events.STARTED, self._install)
         trainer.add_event_handler(Events.COMPLETED, self._uninstall)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+        if idist.get_world_size() > 1:  # the same iterations on every rank: no rank waits
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every),
+                                      self._agree)
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self._agree)
         return self
 
     def _on_exception(self, trainer: Engine, error: BaseException) -> None:
@@ -46,15 +55,15 @@ class GracefulStop:
         reraise_if_last(trainer, self._on_exception, error)
 
     def _watch(self) -> None:
-        """Check for a stop at every ITERATION_COMPLETED from now on."""
+        """Check for a stop at every ITERATION_COMPLETED from now on (one process)."""
         trainer = self._trainer
-        if trainer is not None and not trainer.has_event_handler(self._maybe_stop,
-                                                                 Events.ITERATION_COMPLETED):
+        if trainer is not None and idist.get_world_size() == 1 and not \
+                trainer.has_event_handler(self._maybe_stop, Events.ITERATION_COMPLETED):
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_stop)
 
     def _install(self, trainer: Engine) -> None:
         self._trainer = trainer
-        if self.received is not None or idist.get_world_size() > 1:
+        if self.received is not None:
             self._watch()
         if threading.current_thread() is not threading.main_thread():
             return
@@ -74,12 +83,18 @@ class GracefulStop:
                     "(press Ctrl-C again to abort without saving)", signal.Signals(signum).name)
         self._watch()  # the trainer stops after the running iteration
 
+    def _agree(self, trainer: Engine) -> None:
+        """Distributed: every rank learns the largest signal any rank received (one
+        all-reduce, one host read); then all of them stop here, or none."""
+        if trainer.should_terminate:  # already stopped at this iteration (by this hook)
+            return
+        flag = idist.all_reduce(0.0 if self.received is None else float(self.received),
+                                op="MAX")
+        if flag > 0:
+            self.received = max(self.received or 0, int(flag))
+            self._maybe_stop(trainer)
+
     def _maybe_stop(self, trainer: Engine) -> None:
-        if idist.get_world_size() > 1:  # every rank stops (and saves) at the same iteration
-            flag = idist.all_reduce(0.0 if self.received is None else float(self.received),
-                                    op="MAX")
-            if self.received is None and flag > 0:
-                self.received = int(flag)
         if self.received is None:
             return
         path = self.checkpoint.save(trainer)  # every rank collects, rank 0 writes
