@@ -164,7 +164,7 @@ def test_precision_option_and_its_amp_alias(given, expected):
 
 def test_precision_choices_and_contradictions_are_one_line(tmp_path, capsys):
     status = train_main(["--experiments", str(tmp_path / "e"), "--precision", "fp16"])
-    assert status == 2 and "expected one of 32 | 16-mixed | bf16-mixed, got 'fp16'" in \
+    assert status == 2 and "--precision: 'fp16' is not one of 32, 16-mixed, bf16-mixed" in \
         capsys.readouterr().err
     status = train_main(["--experiments", str(tmp_path / "e"), "--precision", "bf16-mixed",
                          "--amp", "true"])
