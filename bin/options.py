@@ -19,6 +19,37 @@ DEMO_MODEL = "tractrain.examples.next_direction:make_model"
 DEMO_LOSS = "tractrain.examples.next_direction:loss_fn"
 DEMO_MODEL_CONFIG = {"hidden_size": 64}  # the demo model's only: a user factory gets {}
 
+# Options with a fixed set of values, checked at parse time.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "comet": ("off", "offline", "online", "auto"),
+    "trackers": ("csv", "tensorboard", "mlflow", "wandb", "comet"),
+}
+_COMET_ALIASES = {"true": "auto", "yes": "auto", "on": "auto", "1": "auto",
+                  "false": "off", "no": "off", "0": "off"}
+
+
+def comet_mode(value: Any) -> str:
+    """``--comet``: off | offline | online | auto (``true`` is auto, ``false`` is off)."""
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    text = str(value).strip().lower()
+    text = _COMET_ALIASES.get(text, text)
+    if text not in CHOICES["comet"]:
+        raise ValueError(f"expected one of {', '.join(CHOICES['comet'])}, got {value!r}"
+                         f"{suggest(text, CHOICES['comet'])}")
+    return text
+
+
+def tracker_list(value: Any) -> list[str]:
+    """``--trackers``: a comma-separated list (or a config file's list) of `CHOICES` names."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    names = [str(item).strip().lower() for item in items if str(item).strip()]
+    for name in names:
+        if name not in CHOICES["trackers"]:
+            raise ValueError(f"unknown tracker {name!r}{suggest(name, CHOICES['trackers'])}; "
+                             f"expected any of {', '.join(CHOICES['trackers'])}")
+    return list(dict.fromkeys(names))
+
 # name: (default, type, help). type None = free-form (dict) from the config file only.
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
     # experiment
@@ -93,12 +124,18 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "device": ("auto", str, "cpu | cuda | cuda:N | auto"),
     "amp": (False, bool, "automatic mixed precision (CUDA only)"),
     "checkpoint_every": (None, int, "also checkpoint every N iterations (mid-epoch)"),
-    "comet": (False, bool, "report to Comet (online with an API key, else offline under "
-                           "<exp>/comet)"),
+    "comet": ("off", comet_mode, "Comet: off | offline (archive in <exp>/comet) | online "
+                                 "(falls back to offline if the server is unreachable) | auto "
+                                 "(online when an API key is configured); true = auto"),
+    "trackers": (None, tracker_list, "comma-separated trackers: csv (<exp>/logs, always on), "
+                                     "tensorboard (<exp>/tensorboard), mlflow (<exp>/mlruns), "
+                                     "wandb (<exp>/wandb, offline unless WANDB_MODE is set), "
+                                     "comet (--comet auto unless set)"),
     "comet_project": ("tractrain", str, "Comet project name"),
     "comet_workspace": (None, str, "Comet workspace"),
     "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
-    "log_every": (50, int, "with -v, log the training loss every N iterations"),
+    "log_every": (50, int, "log the iteration loss, grad norm and lr every N iterations to "
+                           "<exp>/logs/iterations.csv and the trackers (and with -v, stderr)"),
 }
 
 # name: (lowest, highest, lowest excluded): checked at parse time for numeric options.
@@ -132,7 +169,8 @@ SECTIONS = {
                                "nan_policy", "patience", "min_delta", "monitor", "monitor_mode",
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
                                "device", "amp",
-                               "checkpoint_every", "comet", "comet_project", "comet_workspace",
+                               "checkpoint_every", "trackers", "comet", "comet_project",
+                               "comet_workspace",
                                "progress", "log_every"),
 }
 
@@ -224,7 +262,8 @@ def add_option_flags(parser) -> None:
 
 
 def _metavar(kind) -> str:
-    return {int: "N", float: "X", bool: "BOOL", str: "TEXT"}.get(kind, "VALUE")
+    return {int: "N", float: "X", bool: "BOOL", str: "TEXT", comet_mode: "MODE",
+            tracker_list: "LIST"}.get(kind, "VALUE")
 
 
 def resolve(file_options: dict, flags: dict) -> dict:

@@ -23,11 +23,13 @@ from tractrain.hooks.best_model import BestModel
 from tractrain.hooks.checkpoint import Checkpoint, check_model_state, load_checkpoint
 from tractrain.hooks.epoch_log import EpochLog
 from tractrain.hooks.grad_norm import GradNorm
+from tractrain.hooks.iteration_log import IterationLog
 from tractrain.hooks.logs import NpyLogs
 from tractrain.hooks.patience import Patience
 from tractrain.hooks.progress import Progress
 from tractrain.hooks.signals import GracefulStop
 from tractrain.hooks.timing import Timing
+from tractrain.hooks.trackers import Trackers
 from tractrain.hooks.validation import Validation
 from tractrain.util import unwrap
 
@@ -64,6 +66,7 @@ def train_and_validate(
     extra_state: dict | None = None,
     resume_hint: str | None = None,
     log_every: int | None = None,
+    trackers: tuple | list = (),
 ) -> Engine:
     """Train ``model`` for ``max_epochs`` epochs with validation, checkpoints, best model,
     patience, logs, optional Comet; returns the trainer (its ``state.metrics`` hold the last
@@ -78,7 +81,9 @@ def train_and_validate(
     ``drop_uneven=True``, losses are reduced over ranks and only rank 0 writes files.
 
     Progress goes to the ``tractrain`` logger (`EpochLog`): a line per epoch at INFO and, with
-    ``log_every`` N, the iteration loss every N iterations at DEBUG.
+    ``log_every`` N, the iteration loss every N iterations at DEBUG. With ``log_every`` N the
+    iteration loss, grad norm and lr also go to ``<exp>/logs/iterations.csv`` and ``trackers``
+    (`tractrain.hooks.trackers`: tensorboard, mlflow, wandb) every N iterations.
     """
     exp_dir = Path(exp_dir)
     sampler = train_sampler if train_sampler is not None else train_loader.sampler
@@ -114,10 +119,16 @@ def train_and_validate(
     stopper.attach(trainer)
     logs = objects["logs"] = NpyLogs(exp_dir)
     logs.attach(trainer)
+    if log_every:
+        IterationLog(exp_dir, log_every, optimizer).attach(trainer)
+    if trackers:
+        objects["trackers"] = Trackers(exp_dir, trackers, every=log_every, optimizer=optimizer,
+                                       params=config).attach(trainer)
     if comet is not None:
         from tractrain.hooks.comet import CometLogger
 
-        objects["comet"] = CometLogger(exp_dir, **{"params": config, **comet})
+        objects["comet"] = CometLogger(exp_dir, **{"params": config, "log_every": log_every,
+                                                   "optimizer": optimizer, **comet})
         objects["comet"].attach(trainer)
     EpochLog(patience, log_every).attach(trainer)
     Progress(enabled=progress).attach(trainer)
@@ -153,7 +164,7 @@ def train_and_validate(
 
 # checkpoint keys of the objects train_and_validate saves besides the producers
 STATE_NAMES = ("model", "optimizer", "scaler", "position", "train_loss", "lr", "grad_norm",
-               "best_model", "patience", "logs", "comet", "rng")
+               "best_model", "patience", "logs", "trackers", "comet", "rng")
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # CamelCase seams
 
 
@@ -190,7 +201,7 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module,
     if "model" in states:
         check_model_state(model, states["model"], str(checkpoint.path))
     checkpoint.restore(states, strict=False)
-    missing = sorted(set(checkpoint.objects) - set(states) - {"comet"})
+    missing = sorted(set(checkpoint.objects) - set(states) - {"comet", "trackers"})
     if missing:
         raise CheckpointError(f"{checkpoint.path}: checkpoint has no state for {missing} "
                               "(was it written with other options?)")
