@@ -9,6 +9,7 @@ Layout of ``<exp>/`` (written by `tractrain-train`'s hooks)::
     best_epoch.json     {"epoch", "metric", "value", "train_loss", "valid_loss"}
     logs/<metric>.npy   one value per epoch; logs/logs.csv the same table; logs/plot.png
     logs/iterations.csv iteration, epoch, loss, grad_norm, lr every ``log_every`` iterations
+                        (logs/iterations.png: its plot)
     comet/              offline Comet archives
     tensorboard/        TensorBoard event files (``--trackers tensorboard``)
     mlruns/             MLflow file store (``--trackers mlflow``)
@@ -128,6 +129,10 @@ class ExperimentDir:
     @property
     def iterations_csv(self) -> Path:
         return self.logs / ITERATIONS_FILE
+
+    @property
+    def iterations_plot(self) -> Path:
+        return self.logs / "iterations.png"
 
     @property
     def comet(self) -> Path:
