@@ -89,6 +89,15 @@ def comet_online_default() -> bool:
     return bool(get_api_key(None, config))
 
 
+def _resolve_online(online: bool | None) -> bool:
+    """``online``, or (None) whether a key is configured; online needs a key."""
+    online = comet_online_default() if online is None else online
+    if online and not _has_api_key():
+        raise ConfigError("CometLogger: online=True but no Comet API key is configured "
+                          "(set COMET_API_KEY or api_key in ~/.comet.config)")
+    return online
+
+
 def _has_api_key() -> bool:
     from comet_ml.config import get_api_key, get_config
 
@@ -241,19 +250,12 @@ class CometLogger:
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._exception_handler)
         return self
 
-    def _resolve_online(self) -> bool:
-        online = comet_online_default() if self.online is None else self.online
-        if online and not _has_api_key():
-            raise ConfigError("CometLogger: online=True but no Comet API key is configured "
-                              "(set COMET_API_KEY or api_key in ~/.comet.config)")
-        return online
-
     def start(self, engine: Engine | None = None) -> None:
         """Create the Comet experiment, or continue the one of `experiment_key`."""
         if self.experiment is not None:
             return
         comet_ml = import_comet()
-        online = self._resolve_online()
+        online = _resolve_online(self.online)
         self.offline_dir.mkdir(parents=True, exist_ok=True)
         config = comet_ml.ExperimentConfig(
             name=self.experiment_name, offline_directory=str(self.offline_dir), **QUIET_SETTINGS
@@ -262,13 +264,10 @@ class CometLogger:
         kwargs = dict(experiment_key=self._key, mode="get") if resuming else dict(mode="create")
         kwargs.update(project_name=self.project_name, workspace=self.workspace,
                       experiment_config=config)
-        experiment = None
-        if online:
-            experiment, self.fallback = _start_online(comet_ml, kwargs)
-            if self.fallback is not None:
-                LOGGER.warning("Comet online failed (%s): logging offline to %s instead "
-                               "(upload later with 'comet upload')", self.fallback,
-                               self.offline_dir)
+        experiment, self.fallback = _start_online(comet_ml, kwargs) if online else (None, None)
+        if self.fallback is not None:
+            LOGGER.warning("Comet online failed (%s): logging offline to %s instead (upload "
+                           "later with 'comet upload')", self.fallback, self.offline_dir)
         if experiment is None:
             experiment = comet_ml.start(online=False, **kwargs)
         self.experiment = experiment
@@ -277,10 +276,9 @@ class CometLogger:
         if not resuming and self.params:
             experiment.log_parameters(self.params)
         LOGGER.info("comet: experiment %s, %s", self._key, self.destination)
-        if engine is not None:
-            trackers = dict(getattr(engine.state, "trackers", None) or {})
-            trackers["comet"] = self.destination
-            engine.state.trackers = trackers  # read by the run summary
+        if engine is not None:  # read by the run summary
+            engine.state.trackers = {**(getattr(engine.state, "trackers", None) or {}),
+                                     "comet": self.destination}
 
     @property
     def destination(self) -> str:
@@ -293,8 +291,8 @@ class CometLogger:
     def _on_iteration(self, engine: Engine) -> None:
         if self.experiment is None:
             return
-        values = iteration_values(engine, self.optimizer)
-        metrics = {f"iteration_{k}": v for k, v in values.items() if math.isfinite(v)}
+        metrics = {f"iteration_{k}": v for k, v in iteration_values(engine, self.optimizer).items()
+                   if math.isfinite(v)}
         if metrics:
             self.experiment.log_metrics(metrics, step=int(engine.state.iteration),
                                         epoch=int(engine.state.epoch))

@@ -5,11 +5,14 @@ Every tracker gets the epoch metrics at each EPOCH_COMPLETED and the iteration `
 ``grad_norm`` and ``lr`` every ``every`` iterations, all at global step = the trainer's
 iteration (``epoch/<metric>``, ``iteration/<name>``; MLflow spells them ``epoch <metric>``).
 Default places, under the experiment folder: TensorBoard event files in ``<exp>/tensorboard/``,
-an MLflow file store in ``<exp>/mlruns/``, W&B runs in ``<exp>/wandb/`` (offline unless
-``WANDB_MODE`` is set). The MLflow and W&B run ids are this hook's state, so a resumed run
-logs into the same run; TensorBoard's writer purges the steps after the checkpoint's iteration
-(``purge_step``). ``csv`` is the always-on ``<exp>/logs/`` (see `IterationLog`, `NpyLogs`) and
-``comet`` is `CometLogger`: both are accepted names here but attached elsewhere.
+an MLflow file store in ``<exp>/mlruns/`` (``MLFLOW_TRACKING_URI``, if set, wins), W&B runs in
+``<exp>/wandb/`` (offline unless ``WANDB_MODE`` is set). The MLflow and W&B run ids are this
+hook's state, so a resumed run logs into the same run; TensorBoard's writer purges the steps
+after the checkpoint's iteration (``purge_step``). After a crash (not a clean stop), MLflow and
+W&B keep what was logged between the checkpoint and the crash, and get those steps again from
+the resumed run (neither API can delete them); ``iterations.csv`` is cut back like TensorBoard.
+``csv`` is the always-on ``<exp>/logs/`` (see `IterationLog`, `NpyLogs`) and ``comet`` is
+`CometLogger`: both are accepted names here but attached elsewhere.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ class Trackers:
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # the user's server, if they set one
         uri = user_uri or folder.resolve().as_uri()
         if not user_uri:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow >= 3.10 asks
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # recent mlflow asks
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # the file store's deprecation
             mlflow.set_tracking_uri(uri)
