@@ -247,3 +247,20 @@ def test_comet_online_without_server_falls_back_to_offline_archive(tmp_path, mon
         for name in zf.namelist():
             assert key.encode() not in zf.read(name)
     assert hook.state_dict()["online"] is True  # a resume tries online again
+
+
+def test_comet_online_without_a_key_and_bad_modes_stop_before_training(tmp_path, monkeypatch,
+                                                                       capsys):
+    from tractrain.bin.compose import check_options
+    from tractrain.bin.options import defaults
+    from tractrain.bin.train import main
+
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
+    monkeypatch.setenv("COMET_CONFIG", str(tmp_path / "no.config"))
+    with pytest.raises(ConfigError, match="--comet online: no Comet API key"):
+        check_options({**defaults(), "comet": "online"})
+    assert main(["--experiments", str(tmp_path), "--name", "x", "--comet", "maybe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tractrain-train: error: --comet")
+    assert err.endswith("expected one of off, offline, online, auto, got 'maybe'")
+    assert "\n" not in err and not (tmp_path / "x").exists()
