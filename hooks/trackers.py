@@ -99,7 +99,8 @@ class Trackers:
         self.loggers: dict[str, Any] = {}
         self.destinations: dict[str, str] = {}
         self._handlers: dict[str, tuple] = {}
-        self._values: dict[str, float] = {}
+        self._values: dict[str, float] = {}  # what the output handlers read
+        self._epoch_values: dict[str, float] = {}
         self._exception_handler = self._on_exception
 
     def attach(self, trainer: Engine) -> Trackers:

@@ -33,12 +33,13 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tracked(phantom_store, tmp_path_factory):
-    """``(exp, train run, resume run)``: 2 epochs with every tracker, resumed to 3."""
+    """``(exp, train run, resume run)``: 2 epochs with every tracker but Comet (tested in-process
+    below, its import is slow), resumed to 3."""
     parent = tmp_path_factory.mktemp("tracked")
     first = _cli("train", "--store", str(phantom_store.path), "--experiments", str(parent),
                  "--name", "run", "--max-epochs", "2", "--max-batches-train", "3",
                  "--batch-size", "1500", "--progress", "false", "--log-every", str(EVERY),
-                 "--trackers", "csv,tensorboard,mlflow,wandb,comet")
+                 "--trackers", "csv,tensorboard,mlflow,wandb")
     second = _cli("resume", str(parent / "run"), "--max-epochs", "3")
     return parent / "run", first, second
 
@@ -49,10 +50,9 @@ def test_start_line_and_summary_say_where_each_tracker_writes(tracked):
     for name, folder in (("csv", "logs"), ("tensorboard", "tensorboard"), ("mlflow", "mlruns"),
                          ("wandb", "wandb")):
         assert re.search(rf"{name} -> [^;]*{re.escape(str(exp / folder))}", line), name
-    assert "comet: experiment " in first.stderr and "offline archive in" in first.stderr
     for run in (first, second):
         assert f"tensorboard: {exp / 'tensorboard'}" in run.stdout
-        assert f"comet:      offline archive in {exp / 'comet'}" in run.stdout
+        assert f"wandb:      offline {exp / 'wandb'} (run " in run.stdout
 
 
 def test_tensorboard_holds_every_epoch_and_iteration_step_once(tracked):
@@ -125,7 +125,7 @@ def test_wandb_offline_runs_hold_the_metrics_under_one_run_id(tracked):
     assert steps["iteration/loss"] == ITERATION_STEPS
 
 
-def test_iterations_csv_and_comet_continue_without_duplicates(tracked):
+def test_iterations_csv_continues_without_duplicates(tracked):
     from tractrain.bin.plot_logs import main as plot_main
     from tractrain.experiment import read_iterations
 
@@ -136,16 +136,6 @@ def test_iterations_csv_and_comet_continue_without_duplicates(tracked):
     assert (table["lr"] > 0).all() and (table["grad_norm"] > 0).all()
     assert plot_main([str(exp), "--per-iteration"]) == 0
     assert (exp / "logs" / "iterations.png").stat().st_size > 0
-    keys, steps = set(), []
-    for path in (exp / "comet").glob("*.zip"):
-        with zipfile.ZipFile(path) as zf:
-            keys.add(json.loads(zf.read("experiment.json"))["offline_id"])
-            for line in zf.read("messages.json").splitlines():
-                record = json.loads(line)
-                if record["type"] == "metric_msg" and \
-                        record["payload"]["metric"]["metricName"] == "iteration_loss":
-                    steps.append(record["payload"]["metric"]["step"])
-    assert len(keys) == 1 and sorted(steps) == ITERATION_STEPS
 
 
 def test_iteration_log_cuts_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
@@ -229,7 +219,7 @@ def test_comet_online_without_server_falls_back_to_offline_archive(tmp_path, mon
         return real_start(*args, online=online, **kwargs)
 
     monkeypatch.setattr(comet_ml, "start", start)
-    trainer = Engine(lambda engine, batch: {"loss": 0.5, "grad_norm": 1.0})
+    trainer = Engine(lambda engine, batch: {"loss": 0.25 * batch, "grad_norm": 1.0})
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def produce(engine):
@@ -246,6 +236,11 @@ def test_comet_online_without_server_falls_back_to_offline_archive(tmp_path, mon
     with zipfile.ZipFile(archive) as zf:
         for name in zf.namelist():
             assert key.encode() not in zf.read(name)
+        records = [json.loads(line) for line in zf.read("messages.json").splitlines()]
+    losses = {r["payload"]["metric"]["step"]: r["payload"]["metric"]["metricValue"]
+              for r in records if r["type"] == "metric_msg"
+              and r["payload"]["metric"]["metricName"] == "iteration_loss"}
+    assert losses == {1: 0.0, 2: 0.25}  # every log_every=1 iterations, step = iteration
     assert hook.state_dict()["online"] is True  # a resume tries online again
 
 
