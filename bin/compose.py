@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from tractrain.atomic import atomic_write_bytes
-from tractrain.bin.options import DEMO_LOSS, DEMO_MODEL, DEMO_MODEL_CONFIG, check_monitor
+from tractrain.bin.options import (
+    DEMO_LOSS,
+    DEMO_MODEL,
+    DEMO_MODEL_CONFIG,
+    check_monitor,
+    comet_mode,
+    tracker_list,
+)
 from tractrain.data.augment import AugmentConfig
 from tractrain.data.batch import DeviceInputs
 from tractrain.data.dataloader import make_dataloader
@@ -119,6 +126,20 @@ def check_options(config: dict) -> None:
     lr_for_epoch(config["lr"], 1)
     check_monitor(config)
     run_precision(config)
+    trackers, comet = tracking(config)
+    from tractrain.hooks.trackers import check_available
+
+    check_available(trackers)
+    if comet is not None and comet["online"]:
+        from tractrain.hooks.comet import import_comet
+
+        import_comet()
+        from comet_ml.config import get_api_key, get_config
+
+        if not get_api_key(None, get_config()):
+            raise ConfigError("--comet online: no Comet API key is configured (set "
+                              "COMET_API_KEY or api_key in ~/.comet.config), or use --comet "
+                              "auto/offline")
     points = neighborhood_size(input_config(config))
     if points > MAX_NEIGHBORHOOD_POINTS:
         raise ConfigError(
@@ -126,6 +147,22 @@ def check_options(config: dict) -> None:
             f"--resolution-mm {config.get('resolution_mm')}: {points} points per streamline "
             f"point (limit {MAX_NEIGHBORHOOD_POINTS}); use a smaller radius or a coarser "
             "resolution")
+
+
+def tracking(config: dict) -> tuple[list[str], dict | None]:
+    """``(trackers, comet)``: the ``--trackers`` list and the `CometLogger` keywords (None:
+    Comet off). ``--trackers comet`` with ``--comet off`` means auto. Old experiments recorded
+    ``comet: true/false``, read as auto/off."""
+    trackers = tracker_list(config.get("trackers") or [])
+    mode = comet_mode(config.get("comet") or False)
+    if mode == "off" and "comet" in trackers:
+        mode = "auto"
+    if mode == "off":
+        return trackers, None
+    online = {"auto": None, "online": True, "offline": False}[mode]
+    return trackers, {"project_name": config.get("comet_project") or "tractrain",
+                      "workspace": config.get("comet_workspace"),
+                      "experiment_name": config["name"], "online": online}
 
 
 def run_training(config: dict, exp_dir: Path, resume: bool = False):
@@ -176,10 +213,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
     optimizer = make_optimizer(model.parameters(), config["optimizer"],
                                lr=lr_for_epoch(config["lr"], 1),
                                weight_decay=config["weight_decay"])
-    comet = None
-    if config["comet"]:
-        comet = {"project_name": config["comet_project"], "workspace": config["comet_workspace"],
-                 "experiment_name": config["name"]}
+    trackers, comet = tracking(config)
     trainer = train_and_validate(
         model, optimizer, loss_fn, train_loader, valid_loader=valid_loader, exp_dir=exp_dir,
         max_epochs=config["max_epochs"], device=device, precision=run_precision(config),
@@ -193,6 +227,7 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
         resume=resume, prepare_batch=prepare, resume_hint=f"tractrain-resume {exp_dir}",
         log_every=config.get("log_every"), batch_check=zero_inputs_check(config, store),
         keep_checkpoints=config.get("keep_checkpoints") or 0,
+        trackers=trackers,
     )
     if config["loss"] == DEMO_LOSS and valid_loader is not None and world == 1:
         from tractrain.examples.next_direction import baselines
@@ -361,6 +396,8 @@ def summary(trainer, exp_dir: Path, plot: Path | None) -> str:
     exp = ExperimentDir(exp_dir)
     lines += [f"checkpoint: {exp.checkpoint}", f"best model: {exp.best_model}",
               f"logs:       {exp.logs}"]
+    for name, where in (getattr(state, "trackers", None) or {}).items():
+        lines.append(f"{name + ':':<11} {where}")
     if plot is not None:
         lines.append(f"plot:       {plot}")
     lines.append(f"resume or extend with: tractrain-resume {exp_dir} --max-epochs N")

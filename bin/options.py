@@ -20,6 +20,22 @@ DEMO_MODEL = "tractrain.examples.next_direction:make_model"
 DEMO_LOSS = "tractrain.examples.next_direction:loss_fn"
 DEMO_MODEL_CONFIG = {"hidden_size": 64}  # the demo model's only: a user factory gets {}
 
+
+
+def comet_mode(value: Any) -> str:
+    """``--comet``: off | offline | online | auto (``true`` is auto, ``false`` is off)."""
+    return CHOICES["comet"].check(value)
+
+
+def tracker_list(value: Any) -> list[str]:
+    """``--trackers``: a comma-separated list (or a config file's list) of `CHOICES` names."""
+    if isinstance(value, str):
+        value = value.lower()
+    elif isinstance(value, list | tuple):
+        value = [str(v).lower() for v in value]
+    return [name for name in CHOICES["trackers"].check(value).split(",") if name]
+
+
 # name: (default, type, help). type None = free-form (dict) from the config file only.
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
     # experiment
@@ -117,12 +133,18 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                  "--from-checkpoint)"),
     "requeue": (False, bool, "on SIGUSR1 (SLURM's time-limit warning, sbatch --signal), "
                              "checkpoint, stop and run 'scontrol requeue $SLURM_JOB_ID'"),
-    "comet": (False, bool, "report to Comet (online with an API key, else offline under "
-                           "<exp>/comet)"),
+    "comet": ("off", str, "Comet: offline (archive in <exp>/comet), online (falls back to "
+                          "offline if the server is unreachable), auto (online when an API key "
+                          "is configured); true = auto"),
+    "trackers": (None, str, "comma-separated trackers: csv (<exp>/logs, always on), "
+                            "tensorboard (<exp>/tensorboard), mlflow (<exp>/mlruns), "
+                            "wandb (<exp>/wandb, offline unless WANDB_MODE is set), "
+                            "comet (--comet auto unless set)"),
     "comet_project": ("tractrain", str, "Comet project name"),
     "comet_workspace": (None, str, "Comet workspace"),
     "progress": (None, bool, "progress bars (default: when stderr is a terminal)"),
-    "log_every": (50, int, "with -v, log the training loss every N iterations"),
+    "log_every": (50, int, "log the iteration loss, grad norm and lr every N iterations to "
+                           "<exp>/logs/iterations.csv and the trackers (and with -v, stderr)"),
 }
 
 # Options with a fixed set of values, checked with a suggestion when the options are resolved
@@ -136,7 +158,8 @@ CHOICES: dict[str, Choice] = {
     "optimizer": Choice(("adam", "adamw", "sgd", "radam")),
     "nan_policy": Choice(("stop", "skip")),
     "monitor_mode": Choice(("min", "max")),
-    "comet": Choice(("off", "offline", "online", "auto")),
+    "comet": Choice(("off", "offline", "online", "auto"),
+                    aliases=(("true", "auto"), ("false", "off"))),
     "trackers": Choice(("csv", "tensorboard", "mlflow", "wandb", "comet"), many=True),
     "precision": Choice(("32", "16-mixed", "bf16-mixed")),
 }
@@ -182,7 +205,8 @@ SECTIONS = {
                                "gen_every", "gen_streamlines", "gen_within_mm", "nproc_per_node",
                                "dist_timeout",
                                "device", "precision", "amp", "deterministic",
-                               "checkpoint_every", "comet", "comet_project", "comet_workspace",
+                               "checkpoint_every", "trackers", "comet", "comet_project",
+                               "comet_workspace",
                                "progress", "log_every", "keep_checkpoints", "requeue"),
 }
 

@@ -1,4 +1,6 @@
-"""``tractrain-plot-logs EXPERIMENT [EXPERIMENT ...]``: plot the per-epoch logs of experiments.
+"""``tractrain-plot-logs EXPERIMENT [EXPERIMENT ...]``: plot the per-epoch logs of experiments
+in one PNG (``--per-iteration``: the iteration loss, grad norm and lr of
+``<exp>/logs/iterations.csv``).
 
 Reads ``<exp>/logs/<metric>.npy`` (one value per epoch, epochs 1..n) and ``<exp>/best_epoch.json``.
 Default panels: loss (train_loss, valid_loss), gradient norm (grad_norm, unclipped_grad_norm),
@@ -22,7 +24,7 @@ import numpy as np
 from tractrain.atomic import atomic_write_bytes
 from tractrain.bin.common import ArgumentParser, run, suggest
 from tractrain.errors import ConfigError
-from tractrain.experiment import ExperimentDir, read_best_epoch, read_logs
+from tractrain.experiment import ExperimentDir, read_best_epoch, read_iterations, read_logs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -184,6 +186,36 @@ def plot_logs(
     return fig
 
 
+ITERATION_PANELS = {"loss": "iteration loss", "grad_norm": "gradient norm",
+                    "lr": "learning rate"}
+
+
+def plot_iterations(experiments: Sequence[str | os.PathLike], log_scale: bool = False) -> Figure:
+    """One panel each for the iteration loss, grad norm and lr of ``<exp>/logs/iterations.csv``
+    against the iteration, every experiment overlaid (gid ``"<experiment>/<column>"``)."""
+    if not experiments:
+        raise ConfigError("no experiment folder given")
+    loaded = [(label, read_iterations(e))
+              for label, e in zip(_labels(experiments), experiments, strict=True)]
+    fig = Figure(figsize=(8, 2.8 * len(ITERATION_PANELS)), layout="constrained")
+    axes = fig.subplots(len(ITERATION_PANELS), 1, sharex=True, squeeze=False)[:, 0]
+    for i, (label, table) in enumerate(loaded):
+        for ax, name in zip(axes, ITERATION_PANELS, strict=True):
+            ax.plot(table["iteration"], table[name], color=f"C{i % 10}",
+                    marker="." if len(table[name]) < 2 else None, label=label,
+                    gid=f"{label}/{name}")
+    for ax, title in zip(axes, ITERATION_PANELS.values(), strict=True):
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if log_scale:
+            ax.set_yscale("log")
+        if len(loaded) > 1:
+            ax.legend(fontsize="small")
+    axes[-1].set_xlabel("iteration")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
 def _check_output(path: Path, flag: str) -> None:
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a folder, expected a file path")
@@ -205,17 +237,28 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--out", help="PNG to write (default: <first experiment>/logs/plot.png)")
     parser.add_argument("--csv", metavar="FILE", help="also write the logs table as CSV")
     parser.add_argument("--log-scale", action="store_true", help="logarithmic y axes")
+    parser.add_argument("--per-iteration", action="store_true",
+                        help="plot the iteration loss, grad norm and lr of "
+                        "<exp>/logs/iterations.csv instead (default --out: "
+                        "<first experiment>/logs/iterations.png)")
     return parser
 
 
 def plot_command(args: argparse.Namespace) -> int:
     """Write the PNG (and CSV); print the path(s) written."""
-    out = Path(args.out) if args.out else ExperimentDir(args.experiments[0]).plot
+    exp = ExperimentDir(args.experiments[0])
+    out = Path(args.out) if args.out else exp.iterations_plot if args.per_iteration else exp.plot
     if args.out:
         _check_output(out, "--out")
     if args.csv:
         _check_output(Path(args.csv), "--csv")
-    fig = plot_logs(args.experiments, args.logs, log_scale=args.log_scale)
+    if args.per_iteration and (args.logs or args.csv):
+        raise ConfigError("--per-iteration draws loss, grad_norm and lr: it takes neither "
+                          "--logs nor --csv (the table is <exp>/logs/iterations.csv)")
+    if args.per_iteration:
+        fig = plot_iterations(args.experiments, log_scale=args.log_scale)
+    else:
+        fig = plot_logs(args.experiments, args.logs, log_scale=args.log_scale)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     atomic_write_bytes(out, png.getvalue())

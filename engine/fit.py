@@ -37,11 +37,13 @@ from tractrain.hooks.checkpoint import (
 )
 from tractrain.hooks.epoch_log import EpochLog
 from tractrain.hooks.grad_norm import GradNorm
+from tractrain.hooks.iteration_log import IterationLog
 from tractrain.hooks.logs import NpyLogs
 from tractrain.hooks.patience import Patience
 from tractrain.hooks.progress import Progress
 from tractrain.hooks.signals import GracefulStop
 from tractrain.hooks.timing import Timing
+from tractrain.hooks.trackers import Trackers
 from tractrain.hooks.validation import Validation
 from tractrain.util import unwrap
 
@@ -84,6 +86,7 @@ def train_and_validate(
     log_every: int | None = None,
     batch_check=None,
     keep_checkpoints: int = 0,
+    trackers: tuple | list = (),
 ) -> Engine:
     """Train ``model`` for ``max_epochs`` epochs with validation, checkpoints, best model,
     patience, logs, optional Comet; returns the trainer (its ``state.metrics`` hold the last
@@ -101,7 +104,9 @@ def train_and_validate(
     ``drop_uneven=True``, losses are reduced over ranks and only rank 0 writes files.
 
     Progress goes to the ``tractrain`` logger (`EpochLog`): a line per epoch at INFO and, with
-    ``log_every`` N, the iteration loss every N iterations at DEBUG. ``batch_check`` runs on
+    ``log_every`` N, the iteration loss every N iterations at DEBUG; the iteration loss, grad
+    norm and lr also go to ``<exp>/logs/iterations.csv`` and ``trackers``
+    (`tractrain.hooks.trackers`: tensorboard, mlflow, wandb) every N iterations. ``batch_check`` runs on
     the first training batches (`TrainStep`), e.g. `ZeroInputsCheck`.
 
     ``precision`` is ``32``, ``16-mixed`` or ``bf16-mixed`` (``amp=True`` is ``16-mixed``;
@@ -142,10 +147,16 @@ def train_and_validate(
     stopper.attach(trainer)
     logs = objects["logs"] = NpyLogs(exp_dir)
     logs.attach(trainer)
+    if log_every:
+        IterationLog(exp_dir, log_every, optimizer).attach(trainer)
+    if trackers:
+        objects["trackers"] = Trackers(exp_dir, trackers, every=log_every, optimizer=optimizer,
+                                       params=config).attach(trainer)
     if comet is not None:
         from tractrain.hooks.comet import CometLogger
 
-        objects["comet"] = CometLogger(exp_dir, **{"params": config, **comet})
+        objects["comet"] = CometLogger(exp_dir, **{"params": config, "log_every": log_every,
+                                                   "optimizer": optimizer, **comet})
         objects["comet"].attach(trainer)
     EpochLog(patience, log_every).attach(trainer)
     Progress(enabled=progress, read_every=step.check_every).attach(trainer)  # no sync per batch
@@ -183,7 +194,7 @@ def train_and_validate(
 
 # checkpoint keys of the objects train_and_validate saves besides the producers
 STATE_NAMES = ("model", "optimizer", "scaler", "position", "train_loss", "lr", "grad_norm",
-               "best_model", "patience", "logs", "comet", "rng")
+               "best_model", "patience", "logs", "trackers", "comet", "rng")
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # CamelCase seams
 
 
@@ -225,7 +236,7 @@ def restore(checkpoint: Checkpoint, model: torch.nn.Module,
     if "model" in states:
         check_model_state(model, states["model"], str(checkpoint.path))
     checkpoint.restore(states, strict=False)
-    missing = sorted(set(checkpoint.objects) - set(states) - {"comet"})
+    missing = sorted(set(checkpoint.objects) - set(states) - {"comet", "trackers"})
     if missing:
         raise CheckpointError(f"{checkpoint.path}: checkpoint has no state for {missing} "
                               "(was it written with other options?)")

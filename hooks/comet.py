@@ -1,7 +1,10 @@
-"""`CometLogger`: epoch metrics, parameters and the best epoch to a Comet experiment.
+"""`CometLogger`: epoch metrics, parameters, the best epoch and (every ``log_every``
+iterations) the iteration loss, grad norm and lr to a Comet experiment.
 
-Online when a Comet API key is configured (``COMET_API_KEY`` or comet's config file), otherwise
-offline: the archive is written under ``<exp>/comet/`` (upload it later with ``comet upload``).
+Online when asked to, or by default when a Comet API key is configured (``COMET_API_KEY`` or
+comet's config file), otherwise offline: the archive is written under ``<exp>/comet/`` (upload
+it later with ``comet upload``). An online experiment that the server does not accept (no
+network on a compute node, server down) falls back to an offline archive, with a WARNING.
 Importing this module imports neither ``comet_ml`` nor ignite: comet_ml is imported when the
 experiment starts, with auto-logging and error tracking off unless the environment says
 otherwise. Nothing is sent while offline and the API key is never stored by this hook.
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir
-from tractrain.util import reraise_if_last
+from tractrain.util import iteration_values, reraise_if_last
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -86,10 +89,59 @@ def comet_online_default() -> bool:
     return bool(get_api_key(None, config))
 
 
+def _resolve_online(online: bool | None) -> bool:
+    """``online``, or (None) whether a key is configured; online needs a key."""
+    online = comet_online_default() if online is None else online
+    if online and not _has_api_key():
+        raise ConfigError("CometLogger: online=True but no Comet API key is configured "
+                          "(set COMET_API_KEY or api_key in ~/.comet.config)")
+    return online
+
+
 def _has_api_key() -> bool:
     from comet_ml.config import get_api_key, get_config
 
     return bool(get_api_key(None, get_config()))
+
+
+class _FirstError(logging.Handler):
+    """Keeps the first line of the first ERROR comet_ml logs (its reason for going dead)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.message is None:
+            self.message = (record.getMessage().strip().splitlines() or [""])[0]
+
+
+def _start_online(comet_ml, kwargs: dict):
+    """``(experiment, None)`` if the Comet server accepted an online experiment, else
+    ``(None, reason)``: comet_ml then logs an error and hands back a dead experiment (or
+    raises), which is ended here; its own console lines are held back (ours says it)."""
+    comet_logger = logging.getLogger("comet_ml")
+    consoles = [h for h in comet_logger.handlers if isinstance(h, logging.StreamHandler)]
+    levels = [h.level for h in consoles]
+    capture = _FirstError()
+    comet_logger.addHandler(capture)
+    for handler in consoles:
+        handler.setLevel(logging.CRITICAL + 1)
+    try:
+        experiment = comet_ml.start(online=True, **kwargs)
+    except Exception as err:  # any failure to reach or use the server
+        return None, " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    finally:
+        comet_logger.removeHandler(capture)
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)
+    if getattr(experiment, "alive", True):
+        return experiment, None
+    try:
+        experiment.end()
+    except Exception:  # a dead experiment that cannot even end: nothing was sent anyway
+        LOGGER.debug("ending the dead online Comet experiment failed", exc_info=True)
+    return None, (capture.message or "the Comet server did not accept the experiment")[:200]
 
 
 def _as_float(value: Any) -> float | None:
@@ -126,6 +178,9 @@ class CometLogger:
         experiment_name: name shown in Comet (default: the experiment folder's name).
         params: hyper-parameters, logged once when the experiment is created.
         online: True/False to force; None: online only when an API key is configured.
+        log_every: also log ``iteration_loss``, ``iteration_grad_norm``, ``iteration_lr`` every
+            this many iterations (step = iteration).
+        optimizer: where ``iteration_lr`` is read.
 
     The experiment starts at the trainer's STARTED event (a second ``run`` continues it) and
     ends at COMPLETED, TERMINATE or EXCEPTION_RAISED (the exception is re-raised). After
@@ -140,6 +195,8 @@ class CometLogger:
         experiment_name: str | None = None,
         params: dict | None = None,
         online: bool | None = None,
+        log_every: int | None = None,
+        optimizer=None,
     ) -> None:
         if not isinstance(project_name, str) or not project_name.strip():
             raise ConfigError(f"CometLogger: project_name must be a non-empty string, got "
@@ -156,6 +213,9 @@ class CometLogger:
         self.experiment_name = experiment_name or self.exp_dir.root.resolve().name
         self.params = _jsonable(dict(params)) if params is not None else None
         self.online = online
+        self.log_every = log_every
+        self.optimizer = optimizer
+        self.fallback: str | None = None  # why an online start went offline
         self.experiment = None
         self._key: str | None = None
         self._logged_best: dict | None = None
@@ -181,45 +241,61 @@ class CometLogger:
         if idist.get_rank() != 0:
             return self
         trainer.add_event_handler(Events.STARTED, self.start)
+        if self.log_every:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every),
+                                      self._on_iteration)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
         trainer.add_event_handler(Events.TERMINATE, self.close)
         trainer.add_event_handler(Events.COMPLETED, self.close)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._exception_handler)
         return self
 
-    def _resolve_online(self) -> bool:
-        online = comet_online_default() if self.online is None else self.online
-        if online and not _has_api_key():
-            raise ConfigError("CometLogger: online=True but no Comet API key is configured "
-                              "(set COMET_API_KEY or api_key in ~/.comet.config)")
-        return online
-
     def start(self, engine: Engine | None = None) -> None:
         """Create the Comet experiment, or continue the one of `experiment_key`."""
         if self.experiment is not None:
             return
         comet_ml = import_comet()
-        online = self._resolve_online()
+        online = _resolve_online(self.online)
         self.offline_dir.mkdir(parents=True, exist_ok=True)
         config = comet_ml.ExperimentConfig(
             name=self.experiment_name, offline_directory=str(self.offline_dir), **QUIET_SETTINGS
         )
         resuming = self._key is not None
         kwargs = dict(experiment_key=self._key, mode="get") if resuming else dict(mode="create")
-        experiment = comet_ml.start(
-            project_name=self.project_name,
-            workspace=self.workspace,
-            online=online,
-            experiment_config=config,
-            **kwargs,
-        )
+        kwargs.update(project_name=self.project_name, workspace=self.workspace,
+                      experiment_config=config)
+        experiment, self.fallback = _start_online(comet_ml, kwargs) if online else (None, None)
+        if self.fallback is not None:
+            LOGGER.warning("Comet online failed (%s): logging offline to %s instead (upload "
+                           "later with 'comet upload')", self.fallback, self.offline_dir)
+        if experiment is None:
+            experiment = comet_ml.start(online=False, **kwargs)
         self.experiment = experiment
         self._key = experiment.get_key()
         self.online = online
         if not resuming and self.params:
             experiment.log_parameters(self.params)
-        LOGGER.info("Comet experiment %s (%s)", self._key,
-                    "online" if online else f"offline, archive in {self.offline_dir}")
+        LOGGER.info("comet: experiment %s, %s", self._key, self.destination)
+        if engine is not None:  # read by the run summary
+            engine.state.trackers = {**(getattr(engine.state, "trackers", None) or {}),
+                                     "comet": self.destination}
+
+    @property
+    def destination(self) -> str:
+        """Where the data goes: ``online`` or ``offline archive in <exp>/comet`` (and why)."""
+        if self.online and self.fallback is None:
+            return f"online (experiment {self._key})"
+        why = f" (online failed: {self.fallback})" if self.fallback else ""
+        return f"offline archive in {self.offline_dir}{why}"
+
+    def _on_iteration(self, engine: Engine) -> None:
+        if self.experiment is None:
+            return
+        metrics = {f"iteration_{k}": v for k, v in iteration_values(engine, self.optimizer).items()
+                   if math.isfinite(v)}
+        if metrics:
+            self.experiment.log_metrics(metrics, step=int(engine.state.iteration),
+                                        epoch=int(engine.state.epoch))
 
     def _on_epoch_completed(self, engine: Engine) -> None:
         self.start()

@@ -43,6 +43,8 @@ _EXPORTS = {
     "BestModel": "tractrain.hooks.best_model",
     "Patience": "tractrain.hooks.patience",
     "NpyLogs": "tractrain.hooks.logs",
+    "IterationLog": "tractrain.hooks.iteration_log",
+    "Trackers": "tractrain.hooks.trackers",
     "CometLogger": "tractrain.hooks.comet",
     "Progress": "tractrain.hooks.progress",
     "GracefulStop": "tractrain.hooks.signals",
@@ -72,11 +74,13 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from tractrain.hooks.comet import CometLogger as CometLogger
     from tractrain.hooks.generation import GenerationValidation as GenerationValidation
     from tractrain.hooks.grad_norm import GradNorm as GradNorm
+    from tractrain.hooks.iteration_log import IterationLog as IterationLog
     from tractrain.hooks.logs import NpyLogs as NpyLogs
     from tractrain.hooks.patience import Patience as Patience
     from tractrain.hooks.progress import Progress as Progress
     from tractrain.hooks.signals import GracefulStop as GracefulStop
     from tractrain.hooks.timing import Timing as Timing
+    from tractrain.hooks.trackers import Trackers as Trackers
     from tractrain.hooks.validation import Validation as Validation
 
 

@@ -9,7 +9,12 @@ Layout of ``<exp>/`` (written by `tractrain-train`'s hooks)::
     best_model/         model.pt (weights), config.json (model config), best_epoch.json
     best_epoch.json     {"epoch", "metric", "value", "train_loss", "valid_loss"}
     logs/<metric>.npy   one value per epoch; logs/logs.csv the same table; logs/plot.png
+    logs/iterations.csv iteration, epoch, loss, grad_norm, lr every ``log_every`` iterations
+                        (logs/iterations.png: its plot)
     comet/              offline Comet archives
+    tensorboard/        TensorBoard event files (``--trackers tensorboard``)
+    mlruns/             MLflow file store (``--trackers mlflow``)
+    wandb/              W&B run folders, offline unless ``WANDB_MODE`` says otherwise
     eval/<split>.json   `tractrain-eval` results (loss per subject and overall); also .csv
     .lock               held (``flock``) by the one process writing the experiment; holds its pid
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import pickle
 import re
@@ -49,10 +55,15 @@ LOGS_DIR = "logs"
 CSV_FILE = "logs.csv"
 PLOT_FILE = "plot.png"
 COMET_DIR = "comet"
+ITERATIONS_FILE = "iterations.csv"
+ITERATION_COLUMNS = ("iteration", "epoch", "loss", "grad_norm", "lr")
+TENSORBOARD_DIR = "tensorboard"
+MLRUNS_DIR = "mlruns"
+WANDB_DIR = "wandb"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lock"
 LAYOUT = (CONFIG_FILE, CHECKPOINT_DIR, KEPT_DIR, BEST_MODEL_DIR, BEST_EPOCH_FILE, LOGS_DIR,
-          COMET_DIR, EVAL_DIR, LOCK_FILE)
+          COMET_DIR, EVAL_DIR, LOCK_FILE, TENSORBOARD_DIR, MLRUNS_DIR, WANDB_DIR)
 MAX_NAME_LENGTH = 200
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
@@ -139,8 +150,29 @@ class ExperimentDir:
         return self.logs / PLOT_FILE
 
     @property
+    def iterations_csv(self) -> Path:
+        return self.logs / ITERATIONS_FILE
+
+    @property
+    def iterations_plot(self) -> Path:
+        return self.logs / "iterations.png"
+
+    @property
     def comet(self) -> Path:
         return self.root / COMET_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
+    def mlruns(self) -> Path:
+        return self.root / MLRUNS_DIR
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's own ``wandb/`` folder: ``wandb.init(dir=<exp>)`` writes its runs here."""
+        return self.root / WANDB_DIR
 
     @property
     def eval(self) -> Path:
@@ -313,6 +345,37 @@ def read_logs(exp_dir: str | os.PathLike) -> dict[str, np.ndarray]:
                               f"{values.dtype} with shape {values.shape}")
         logs[path.stem] = values.astype(np.float64)
     return logs
+
+
+def read_iterations(exp_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``{column: 1-D float64 array}`` of ``<exp>/logs/iterations.csv`` (columns
+    `ITERATION_COLUMNS`; an empty cell is NaN); a trailing line cut short by a kill is
+    ignored. A one-line `ConfigError` if the file is missing or malformed."""
+    import numpy as np
+
+    path = ExperimentDir(exp_dir).iterations_csv
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no per-iteration log (written by runs with log_every "
+                          "set)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({err})") from None
+    lines = text.split("\n")[:-1]  # the last piece is empty or a line cut short
+    if not lines or lines[0].split(",") != list(ITERATION_COLUMNS):
+        raise ConfigError(f"{path}: expected the header {','.join(ITERATION_COLUMNS)}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        cells = line.split(",")
+        try:
+            if len(cells) != len(ITERATION_COLUMNS):
+                raise ValueError(f"{len(cells)} cells")
+            rows.append([float(c) if c else math.nan for c in cells])
+        except ValueError as err:
+            raise ConfigError(f"{path}: line {number}: expected {len(ITERATION_COLUMNS)} "
+                              f"numbers ({err})") from None
+    table = np.asarray(rows, dtype=np.float64).reshape(-1, len(ITERATION_COLUMNS))
+    return {name: table[:, i] for i, name in enumerate(ITERATION_COLUMNS)}
 
 
 def read_best_epoch(exp_dir: str | os.PathLike) -> dict | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -23,6 +25,21 @@ def to_float(value) -> float | None:
             if isinstance(item, numbers.Real) and not isinstance(item, bool):
                 return float(item)
     return None
+
+
+def iteration_values(trainer: Engine, optimizer=None) -> dict[str, float]:
+    """``{"loss", "grad_norm", "lr"}`` of the trainer's last iteration (NaN where unknown;
+    reading a device tensor here syncs, so call it every N iterations only)."""
+    output = trainer.state.output if isinstance(trainer.state.output, Mapping) else {}
+    values = {}
+    for key in ("loss", "grad_norm"):
+        value = to_float(output.get(key))
+        values[key] = math.nan if value is None else value
+    lr = None
+    if optimizer is not None and optimizer.param_groups:
+        lr = to_float(optimizer.param_groups[0].get("lr"))
+    values["lr"] = math.nan if lr is None else lr
+    return values
 
 
 def reraise_if_last(engine: Engine, handler, error: BaseException) -> None:
