@@ -193,6 +193,9 @@ ITERATION_PANELS = {"loss": "iteration loss", "grad_norm": "gradient norm",
 def plot_iterations(experiments: Sequence[str | os.PathLike], log_scale: bool = False) -> Figure:
     """One panel each for the iteration loss, grad norm and lr of ``<exp>/logs/iterations.csv``
     against the iteration, every experiment overlaid (gid ``"<experiment>/<column>"``)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     if not experiments:
         raise ConfigError("no experiment folder given")
     loaded = [(label, read_iterations(e))

@@ -106,8 +106,8 @@ def train_and_validate(
     Progress goes to the ``tractrain`` logger (`EpochLog`): a line per epoch at INFO and, with
     ``log_every`` N, the iteration loss every N iterations at DEBUG; the iteration loss, grad
     norm and lr also go to ``<exp>/logs/iterations.csv`` and ``trackers``
-    (`tractrain.hooks.trackers`: tensorboard, mlflow, wandb) every N iterations. ``batch_check`` runs on
-    the first training batches (`TrainStep`), e.g. `ZeroInputsCheck`.
+    (`tractrain.hooks.trackers`: tensorboard, mlflow, wandb) every N iterations.
+    ``batch_check`` runs on the first training batches (`TrainStep`), e.g. `ZeroInputsCheck`.
 
     ``precision`` is ``32``, ``16-mixed`` or ``bf16-mixed`` (``amp=True`` is ``16-mixed``;
     see `tractrain.engine.precision`); ``scaler`` replaces the default `GradScaler`.
