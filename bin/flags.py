@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 class Choice(NamedTuple):
     """The values an option accepts; ``many``: a comma-separated list of them (``csv,mlflow``);
-    ``aliases``: other words for some of them (``(("true", "auto"),)``), any case."""
+    ``aliases``: other words for some of them (``(("true", "auto"),)``); any case."""
 
     values: tuple[str, ...]
     many: bool = False
@@ -40,8 +40,8 @@ class Choice(NamedTuple):
             items = [part for part in items if part]
             if items == ["none"]:  # an explicit empty list
                 return ""
-        aliases = dict(self.aliases)
-        items = [aliases.get(item.lower(), item) for item in items]
+        known = {**{v.lower(): v for v in self.values}, **dict(self.aliases)}  # any case
+        items = [known.get(item.lower(), item) for item in items]
         for item in items:
             if item not in self.values:
                 raise ValueError(not_one_of(item, self.values))

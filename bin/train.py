@@ -99,7 +99,7 @@ def finish(trainer, exp_dir: Path, config: dict) -> int:
     """Plot, print where everything is, requeue a SLURM job stopped by SIGUSR1 if asked
     (`tractrain.bin.cluster.after_stop`), and return the exit status."""
     from tractrain.bin.cluster import after_stop
-    from tractrain.bin.compose import summary, write_plot
+    from tractrain.bin.report import summary, write_plot
 
     plot = write_plot(exp_dir)
     print(summary(trainer, exp_dir, plot), flush=True)

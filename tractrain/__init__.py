@@ -29,7 +29,7 @@ _EXPORTS = {
     "make_dataloader": "tractrain.data.dataloader",
     # engine
     "create_trainer": "tractrain.engine.trainer",
-    "create_evaluator": "tractrain.engine.trainer",
+    "create_evaluator": "tractrain.engine.evaluator",
     "SamplerEpochs": "tractrain.engine.epochs",
     "train_and_validate": "tractrain.engine.fit",
     "load_model": "tractrain.engine.reuse",

@@ -24,8 +24,6 @@ Every hook and command takes its paths from `ExperimentDir`; every weights file 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import math
 import os
@@ -39,7 +37,8 @@ from typing import TYPE_CHECKING
 
 from tractrain.atomic import is_complete, swap_candidates
 from tractrain.documents import load_mapping
-from tractrain.errors import CheckpointError, ConfigError, ExperimentBusyError
+from tractrain.errors import CheckpointError, ConfigError
+from tractrain.lock import ExperimentLock
 
 if TYPE_CHECKING:
     import numpy as np
@@ -212,58 +211,8 @@ class ExperimentDir:
                 entry.unlink()
 
     def lock(self) -> ExperimentLock:
-        """Take the experiment's exclusive writer lock (`ExperimentLock`)."""
+        """Take the experiment's exclusive writer lock (`tractrain.lock.ExperimentLock`)."""
         return ExperimentLock(self.lock_file)
-
-
-class ExperimentLock:
-    """An exclusive ``flock`` on ``<exp>/.lock`` naming its holder's pid.
-
-    Released by `release` (the file is then removed) or by the kernel when the process dies,
-    so a killed run never leaves a stale lock. A second writer gets a one-line
-    `ExperimentBusyError` naming the holder's pid. Usable as a context manager.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-        while self.fd is None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise ExperimentBusyError(
-                    f"{path.parent}: in use by another tractrain process (pid {holder}); "
-                    "wait for it to finish or stop it first") from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder removed the file as we opened it: retry
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self.fd = fd
-
-    def release(self) -> None:
-        """Remove the lock file and release the lock (idempotent)."""
-        if self.fd is not None:
-            try:
-                self.path.unlink(missing_ok=True)
-            finally:
-                os.close(self.fd)
-                self.fd = None
-
-    def __enter__(self) -> ExperimentLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def load_weights(path: str | os.PathLike, what: str) -> dict:
