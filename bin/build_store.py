@@ -8,6 +8,28 @@ from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
 
+MAX_JOBS = 1024
+
+
+def jobs_count(text: str) -> int:
+    """``--jobs``: a whole number of processes in 1..`MAX_JOBS` (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"expected a number of processes from 1 to {MAX_JOBS}, "
+                                         f"got {text!r}")
+    return value
+
+
+def add_jobs_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--jobs N`` of build-store and import-hdf5 (`tractrain.data.parallel_build`)."""
+    parser.add_argument("--jobs", metavar="N", type=jobs_count, default=None,
+                        help=f"{what} N subjects at a time, in parallel processes; the store is "
+                        "the same for any N (default: one per core, fewer if that many subjects "
+                        "would not fit in the available memory; 1: in this process)")
+
 
 def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
@@ -28,6 +50,7 @@ def make_parser() -> ArgumentParser:
                         help="build even when more than 1%% of a subject's streamline points "
                         "lie outside their reference volume (config key 'allow_outside' per "
                         "streamline group)")
+    add_jobs_flag(parser, "build")
     lists = parser.add_argument_group(
         "dwi_ml config", "CONFIG may be dwi_ml's JSON group config (as for "
         "dwiml_create_hdf5_dataset); its subjects then come from dwi_ml's subject-list files")
@@ -64,7 +87,8 @@ def build(args: argparse.Namespace) -> int:
     config = _config(args)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent
     out = build_store(config, args.out, root, force=args.force, progress=not args.quiet,
-                      config_path=str(args.config), allow_outside=args.allow_outside)
+                      config_path=str(args.config), allow_outside=args.allow_outside,
+                      jobs=args.jobs)
     print(f"store written: {out}")
     return 0
 

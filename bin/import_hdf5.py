@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tractrain.bin.build_store import add_jobs_flag
 from tractrain.bin.common import ArgumentParser, run
 
 
@@ -24,6 +25,7 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--allow-outside", action="store_true",
                         help="import even when more than 1%% of a subject's streamline points "
                         "lie outside its volume (wrong space)")
+    add_jobs_flag(parser, "import")
     return parser
 
 
@@ -35,7 +37,7 @@ def convert(args: argparse.Namespace) -> int:
     progress = convert_option("progress", args.progress, "--progress")
     check = None if args.allow_outside else StreamedInsideCheck(args.hdf5)
     out = import_hdf5(args.hdf5, args.out, force=args.force, progress=progress,
-                      check_points=check)
+                      check_points=check, jobs=args.jobs)
     print(f"store written: {out}")
     return 0
 

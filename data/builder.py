@@ -19,16 +19,22 @@ import json
 import mmap
 import os
 import struct
-import sys
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from tractrain.data.build_config import validate_config
 from tractrain.data.format import SPLITS
+from tractrain.data.parallel_build import (
+    available_memory,
+    build_peak_bytes,
+    choose_jobs,
+    cpu_count,
+    run_subjects,
+)
 from tractrain.data.space_check import check_files_inside, check_trk_voxel_order
 from tractrain.data.store_writer import (
     check_replaceable,
@@ -284,18 +290,18 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
     return voxels, lengths, mm, dps, info
 
 
-def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, meta: dict):
-    grp = root.create_group(subject)
+def build_subject(staged: str, root: Path, config: dict, subject: str) -> dict:
+    """Write ``subject`` (its folder under ``root``) into the store being written at ``staged``;
+    return its group metadata (``volume_groups``, ``streamline_groups``). Runs in a worker
+    process with ``--jobs`` > 1 (`tractrain.data.parallel_build`)."""
+    folder, meta = root / subject, {"volume_groups": {}, "streamline_groups": {}}
+    grp = zarr.open_group(staged, mode="r+").create_group(subject)
     for name, group in config["groups"].items():
         if group["type"] == "volume":
             parts, names, affine, mask = _read_volume_group(folder, name, group)
             data, means, stds = standardize(parts, group["standardization"], mask)
-            seen = meta["volume_groups"].setdefault(
-                name, {"feature_names": names, "dtype": group["dtype"], "n_features": len(names)}
-            )
-            if seen["feature_names"] != names:
-                raise ConfigError(f"{folder}: volume group {name!r} has features {names}, other "
-                                  f"subjects have {seen['feature_names']}")
+            meta["volume_groups"][name] = {"feature_names": names, "dtype": group["dtype"],
+                                           "n_features": len(names)}
             arr = volume_array(grp, name, data.shape, group["dtype"], {
                 "affine": np.asarray(affine).tolist(),
                 "voxel_sizes": nib.affines.voxel_sizes(affine).tolist(),
@@ -306,11 +312,25 @@ def _write_subject(root: zarr.Group, subject: str, folder: Path, config: dict, m
             arr[...] = data.astype(group["dtype"])
         else:
             points, lengths, mm, dps, info = _read_streamline_group(folder, name, group)
-            seen = meta["streamline_groups"].setdefault(name, {"dps_keys": info["dps_keys"]})
-            if seen["dps_keys"] != info["dps_keys"]:
-                raise ConfigError(f"{folder}: streamline group {name!r} has data-per-streamline "
-                                  f"{info['dps_keys']}, other subjects have {seen['dps_keys']}")
+            meta["streamline_groups"][name] = {"dps_keys": info["dps_keys"]}
             write_streamlines(grp, name, points, lengths, mm, dps, info)
+    return meta
+
+
+def _merge_meta(meta: dict, theirs: dict, folder: Path) -> None:
+    """Add a subject's group metadata ``theirs`` to the store's ``meta``; `ConfigError` when
+    its features or data-per-streamline differ from the subjects' before it."""
+    for name, group in theirs["volume_groups"].items():
+        seen = meta["volume_groups"].setdefault(name, group)
+        if seen["feature_names"] != group["feature_names"]:
+            raise ConfigError(f"{folder}: volume group {name!r} has features "
+                              f"{group['feature_names']}, other subjects have "
+                              f"{seen['feature_names']}")
+    for name, group in theirs["streamline_groups"].items():
+        seen = meta["streamline_groups"].setdefault(name, group)
+        if seen["dps_keys"] != group["dps_keys"]:
+            raise ConfigError(f"{folder}: streamline group {name!r} has data-per-streamline "
+                              f"{group['dps_keys']}, other subjects have {seen['dps_keys']}")
 
 
 def build_store(
@@ -321,13 +341,15 @@ def build_store(
     progress: bool = True,
     config_path: str | None = None,
     allow_outside: bool = False,
+    jobs: int | None = 1,
 ) -> Path:
     """Build the store described by ``config`` from subject folders under ``root`` at ``out``.
 
     Raises `ConfigError` (nothing written at ``out``) on bad input; refuses an existing
     ``out`` unless ``force``. A subject whose streamline points lie outside their reference
     volume (more than 1 %) is refused unless ``allow_outside`` (or the group's
-    ``allow_outside`` key; `tractrain.data.space_check`).
+    ``allow_outside`` key; `tractrain.data.space_check`). ``jobs``: subjects built in
+    parallel processes (None: one per core, capped by memory; `tractrain.data.parallel_build`).
     """
     where = config_path or "config"
     config = validate_config(json.loads(json.dumps(config)), where)
@@ -343,12 +365,12 @@ def build_store(
             raise ConfigError(f"{where}: subject {subject!r} (split {split!r}) has no folder "
                               f"{root / subject}")
     meta = {"volume_groups": {}, "streamline_groups": {}}
+    jobs = choose_jobs(jobs, len(subjects), build_peak_bytes(root, subjects, config),
+                       available_memory(), cpu_count()) if jobs != 1 else 1
     with staged_store(out, force) as zroot:
-        bar = tqdm(subjects, desc="build-store", unit="subject", disable=not progress,
-                   file=sys.stderr)
-        for subject in bar:
-            bar.set_postfix_str(subject)
-            _write_subject(zroot, subject, root / subject, config, meta)
+        run_subjects(subjects, partial(build_subject, str(zroot.store.root), root, config),
+                     jobs, lambda s, theirs: _merge_meta(meta, theirs, root / s),
+                     "build-store", progress)
         finish_store(zroot, subjects, config["subjects"], meta, {
             "config": config, "config_path": config_path, "root": str(root.resolve())})
     return out

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import h5py
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from tractrain.data.builder import lengths_mm
 from tractrain.data.dwi_ml_hdf5 import (
@@ -39,6 +38,13 @@ from tractrain.data.dwi_ml_hdf5 import (
     to_voxel_centre,
 )
 from tractrain.data.format import MAX_ARRAY_BYTES, SPLITS, is_plain_name
+from tractrain.data.parallel_build import (
+    available_memory,
+    choose_jobs,
+    cpu_count,
+    import_peak_bytes,
+    run_subjects,
+)
 from tractrain.data.store_writer import (
     VOLUME_CHUNK,
     check_replaceable,
@@ -172,15 +178,32 @@ def _copy_streamlines(src: h5py.Group, dst: zarr.Group, name: str, where: str,
         arrays[f"dps/{key}"][...] = src["data_per_streamline"][key][()]
 
 
+def import_subject(src: str, staged: str, meta: dict, config: dict,
+                   check_points: PointCheck | None, subject: str) -> None:
+    """Copy ``subject`` of the dwi_ml file ``src`` into the store being written at ``staged``
+    (``meta``: `_layout`'s). Runs in a worker process with ``--jobs`` > 1
+    (`tractrain.data.parallel_build`)."""
+    with open_hdf5(Path(src)) as f:
+        grp = zarr.open_group(staged, mode="r+").create_group(subject)
+        for name, vmeta in meta["volume_groups"].items():
+            _copy_volume(f[subject][name], grp, name, f"{src}: {subject}/{name}", vmeta,
+                         config.get(name, {}))
+        for name in meta["streamline_groups"]:
+            _copy_streamlines(f[subject][name], grp, name, f"{src}: {subject}/{name}",
+                              subject, check_points)
+
+
 def import_hdf5(src: str | Path, out: str | Path, force: bool = False,
                 progress: bool | None = None, max_array_bytes: int = MAX_ARRAY_BYTES,
-                check_points: PointCheck | None = None) -> Path:
+                check_points: PointCheck | None = None, jobs: int | None = 1) -> Path:
     """Convert the dwi_ml HDF5 file ``src`` into a store at ``out``; return ``out``.
 
     `StoreError` (nothing written at ``out``) for a file that is not a dwi_ml HDF5 file or
     holds something a store cannot represent; `FileExistsError` for an existing ``out``
     without ``force`` (or one that is not a store). ``progress``: a bar per subject (None:
-    when stderr is a terminal). ``check_points``: see `PointCheck`.
+    when stderr is a terminal). ``check_points``: see `PointCheck` (with ``jobs`` > 1 each
+    worker gets a copy). ``jobs``: subjects imported in parallel processes (None: one per
+    core, capped by memory; `tractrain.data.parallel_build`).
     """
     src, out = Path(src), Path(out)
     check_replaceable(out, force)
@@ -189,18 +212,14 @@ def import_hdf5(src: str | Path, out: str | Path, force: bool = False,
         subjects = [s for split in SPLITS for s in splits[split]]
         meta = _layout(f, src, subjects, config, max_array_bytes)
         stat = src.stat()
+        if jobs != 1:
+            jobs = choose_jobs(jobs, len(subjects), import_peak_bytes(f, subjects),
+                               available_memory(), cpu_count())
         with staged_store(out, force) as root:
-            bar = tqdm(subjects, desc="import-hdf5", unit="subject", file=sys.stderr,
-                       disable=None if progress is None else not progress)
-            for subject in bar:
-                bar.set_postfix_str(subject)
-                grp = root.create_group(subject)
-                for name, vmeta in meta["volume_groups"].items():
-                    _copy_volume(f[subject][name], grp, name, f"{src}: {subject}/{name}", vmeta,
-                                 config.get(name, {}))
-                for name in meta["streamline_groups"]:
-                    _copy_streamlines(f[subject][name], grp, name, f"{src}: {subject}/{name}",
-                                      subject, check_points)
+            work = partial(import_subject, str(src), str(root.store.root), meta, config,
+                           check_points)
+            run_subjects(subjects, work, jobs, lambda subject, _: None, "import-hdf5",
+                         progress)
             finish_store(root, subjects, splits, meta, {
                 "config": None,
                 "source": {
