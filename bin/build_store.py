@@ -28,7 +28,8 @@ def add_jobs_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--jobs", metavar="N", type=jobs_count, default=None,
                         help=f"{what} N subjects at a time, in parallel processes; the store is "
                         "the same for any N (default: one per core, fewer if that many subjects "
-                        "would not fit in the available memory; 1: in this process)")
+                        "would not fit in the available memory, and 1 when all subjects are "
+                        "small; 1: in this process, no worker started)")
 
 
 def make_parser() -> ArgumentParser:

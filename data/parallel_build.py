@@ -41,6 +41,9 @@ VOLUME_FACTOR = 8  # builder: float32 volume -> concatenated, float64 in-mask co
 STREAMLINE_FACTOR = 8  # builder: tractogram file bytes -> float32, float64 lengths, voxels...
 SLAB_FACTOR = 3  # importer: one slab read, cast and checked
 BATCH_BYTES = 2**20 * 12 * 8  # importer: one batch of `BATCH_POINTS` points and its copies
+# by default, a build whose subjects together need less than this (beyond the interpreter)
+# runs in this process: starting workers would take longer than the build
+SMALL_BUILD_BYTES = 512 * 2**20
 
 
 def cpu_count() -> int:
@@ -75,9 +78,12 @@ def available_memory() -> int | None:
 
 def choose_jobs(requested: int | None, n_subjects: int, peak_bytes: int,
                 available: int | None, cores: int) -> int:
-    """Workers to start: ``requested`` (None: ``cores``), at most one per subject and at most
-    as many as subjects of ``peak_bytes`` fit in ``available`` memory (unknown: no cap);
-    at least 1. A cap below an explicit request is logged as a warning."""
+    """Workers to start: ``requested`` (None: ``cores``, or 1 for a small build: see
+    `SMALL_BUILD_BYTES`), at most one per subject and at most as many as subjects of
+    ``peak_bytes`` fit in ``available`` memory (unknown: no cap); at least 1. A cap below an
+    explicit request is logged as a warning."""
+    if requested is None and n_subjects * (peak_bytes - WORKER_BASE_BYTES) < SMALL_BUILD_BYTES:
+        return 1
     jobs = max(1, min(requested or cores, n_subjects))
     if available is not None and peak_bytes > 0:
         fit = max(1, available // peak_bytes)
