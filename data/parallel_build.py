@@ -44,6 +44,7 @@ BATCH_BYTES = 2**20 * 12 * 8  # importer: one batch of `BATCH_POINTS` points and
 # by default, a build whose subjects together need less than this (beyond the interpreter)
 # runs in this process: starting workers would take longer than the build
 SMALL_BUILD_BYTES = 512 * 2**20
+BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def cpu_count() -> int:
@@ -142,6 +143,15 @@ def import_peak_bytes(f, subjects: Sequence[str]) -> int:
     return WORKER_BASE_BYTES + peak
 
 
+def _init_worker(threads: int) -> None:
+    """Worker start-up, before numpy is imported: at most ``threads`` BLAS/OpenMP threads
+    (the cores shared among the workers; numpy's default, one per core in every worker,
+    oversubscribes the machine and made a 2-job build slower than one), unless set by the
+    user's environment."""
+    for name in BLAS_THREADS:
+        os.environ.setdefault(name, str(threads))
+
+
 def _stop(pool: ProcessPoolExecutor, futures: Sequence[Future]) -> None:
     """Cancel pending subjects and terminate running workers, then wait for them to exit."""
     for future in futures:
@@ -181,7 +191,8 @@ def run_subjects(subjects: Sequence[str], work: Callable[[str], Any], jobs: int,
 
 def _run_pool(subjects: Sequence[str], work: Callable[[str], Any], jobs: int,
               on_result: Callable[[str, Any], None], bar: tqdm) -> None:
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(max(1, cpu_count() // jobs),))
     futures: dict[Future, str] = {}
     try:
         futures = {pool.submit(work, subject): subject for subject in subjects}
