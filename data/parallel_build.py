@@ -11,7 +11,9 @@ inherits none of the parent's threads (zarr's event loop, torch's and BLAS' pool
 open files, which ``fork`` would copy in an unknown state; it costs about a second per worker,
 once per build (workers are reused across subjects). On the first error, pending subjects are
 cancelled and running workers terminated before the error is re-raised, so the staged folder
-can be removed with nothing still writing into it.
+can be removed with nothing still writing into it. As with any ``spawn`` pool, a script that
+calls `build_store` or `import_hdf5` with ``jobs`` > 1 must guard its entry point with
+``if __name__ == "__main__":`` (the workers import the main module).
 
 `choose_jobs` caps the number of workers so that that many subjects fit in the available
 memory, from a per-subject peak estimated from the input sizes (`build_peak_bytes`,

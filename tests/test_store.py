@@ -241,15 +241,15 @@ def test_bad_inputs_are_refused_and_nothing_is_written(dataset, tmp_path):
 def test_interrupted_build_leaves_no_store(dataset, tmp_path, monkeypatch):
     root, _ = dataset
     out = tmp_path / "int.zarr"
-    real, calls = builder._write_subject, []
+    real, calls = builder.build_subject, []
 
     def crash_on_second(*args):
-        calls.append(args[1])
+        calls.append(args[-1])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(builder, "_write_subject", crash_on_second)
+    monkeypatch.setattr(builder, "build_subject", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         build_store(make_config(), out, root, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".int.zarr.tmp-*"))
