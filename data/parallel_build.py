@@ -174,7 +174,7 @@ def run_subjects(subjects: Sequence[str], work: Callable[[str], Any], jobs: int,
     processes; ``work`` must then be picklable, e.g. a `functools.partial` of a module-level
     function) and ``on_result(subject, result)`` here, in the order of ``subjects``. The
     first error (in ``work`` or ``on_result``) stops the others and is re-raised as it was
-    raised; a worker killed from outside raises `ChildProcessError` naming its subject.
+    raised; a worker killed from outside raises `ChildProcessError` (exit status 1 of a command).
     A progress bar (``progress``; None: when stderr is a terminal) counts subjects done."""
     bar = tqdm(total=len(subjects), desc=desc, unit="subject", file=sys.stderr,
                disable=None if progress is None else not progress)
@@ -208,8 +208,9 @@ def _run_pool(subjects: Sequence[str], work: Callable[[str], Any], jobs: int,
                     results[subject] = future.result()
                 except BrokenProcessPool:
                     raise ChildProcessError(
-                        f"subject {subject}: a worker process died (killed from outside, often "
-                        "by the out-of-memory killer); retry with fewer --jobs") from None
+                        f"subject {subject} (or another one built at the same time): its worker "
+                        "process died (killed from outside, often by the out-of-memory killer); "
+                        "retry with fewer --jobs") from None
                 bar.update()
                 bar.set_postfix_str(subject)
             while following < len(subjects) and subjects[following] in results:

@@ -190,3 +190,22 @@ def test_build_peak_counts_the_volumes(raw):
     peak = pb.build_peak_bytes(raw, ["sub-00"], config)
     dwi = pb._nifti_bytes(str(raw / "sub-00" / "dwi.nii.gz"))
     assert dwi > 0 and peak >= pb.WORKER_BASE_BYTES + pb.VOLUME_FACTOR * dwi
+
+
+def test_subjects_whose_features_differ_give_the_same_error_with_any_jobs(raw, tmp_path):
+    import nibabel as nib
+
+    root = tmp_path / "raw"
+    shutil.copytree(raw, root)
+    img = nib.load(str(root / "sub-02" / "dwi.nii.gz"))
+    nib.save(nib.Nifti1Image(img.get_fdata(dtype="float32")[..., :3], img.affine),
+             str(root / "sub-02" / "dwi.nii.gz"))
+    errors = []
+    for n in (1, 2):
+        status, err = cli("build_store", root / "config.json", tmp_path / "out.zarr",
+                          "--jobs", n, "--quiet")
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        errors.append(err)
+    assert errors[0] == errors[1] and "sub-02: volume group 'dwi' has features" in errors[0]
+    assert "other subjects have" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
