@@ -36,7 +36,7 @@ def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="tractrain-build-store",
         description="Build a tractrain store (Zarr, format v1) from per-subject NIfTI volumes "
-        "and .trk/.tck/.trx tractograms described by a JSON config (see docs/store-format.md), "
+        "and .trk/.tck/.trx tractograms described by a JSON config (every key: docs/builder.md), "
         "or by dwi_ml's group config and subject lists (see docs/coming-from-dwi_ml.md).",
     )
     parser.add_argument("config", help="JSON builder config ('groups' and 'subjects'), or "

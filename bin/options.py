@@ -348,3 +348,25 @@ def resolve(file_options: dict, flags: dict, source: str = "config file") -> dic
         config[name] = convert(name, flags[name], flag_of(name))
     check_monitor(config, "--monitor" if "monitor" in given else f"{source}: monitor")
     return config
+
+
+PATH_OPTIONS = ("experiments", "store", "cache_dir")  # folders, relative to the current one
+CODE_OPTIONS = ("model", "loss")  # package.module:name or path/to/file.py:name
+
+
+def absolute_paths(config: dict, names=None) -> dict:
+    """``config`` with the `PATH_OPTIONS` among ``names`` (default: all) made absolute and the
+    file of a ``path/to/file.py:name`` `CODE_OPTIONS` value resolved, so that ``config.json``
+    means the same from any directory (tractrain-resume, -eval, -track run anywhere)."""
+    import os
+
+    from tractrain.imports import absolute_spec
+
+    config = dict(config)
+    for name in names if names is not None else (*PATH_OPTIONS, *CODE_OPTIONS):
+        value = config.get(name)
+        if name in PATH_OPTIONS and isinstance(value, str) and value:
+            config[name] = os.path.abspath(os.path.expanduser(value))
+        elif name in CODE_OPTIONS and name in config:
+            config[name] = absolute_spec(value)
+    return config

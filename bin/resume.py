@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
-from tractrain.bin.options import OPTIONS, add_flag, convert, flag_of
+from tractrain.bin.options import OPTIONS, absolute_paths, add_flag, convert, flag_of
 from tractrain.experiment import ExperimentDir, is_unstarted, read_config
-from tractrain.imports import check_recorded
+from tractrain.imports import absolute_spec, check_recorded
 
 OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
              "log_every", "precision", "pin_memory", "device_cache_gb", "dist_timeout")
@@ -73,8 +73,8 @@ def trusted_code(args: argparse.Namespace, config: dict, source: str,
     config = dict(config)
     for option in options:
         given = getattr(args, option, None)
-        if given is not None:
-            config[option] = given
+        if given is not None:  # named on this command line: trusted, recorded absolute
+            config[option] = absolute_spec(given)
         else:
             spec = config.get(option)
             check_recorded(spec, option, source, args.trust_experiment,
@@ -104,8 +104,8 @@ def prepare_resume(args: argparse.Namespace):
     from tractrain.bin.train import writer_lock
     from tractrain.hooks.checkpoint import read_meta
 
-    overrides = {name: convert(name, getattr(args, name), flag_of(name))
-                 for name in OVERRIDES if getattr(args, name) is not None}
+    overrides = absolute_paths({name: convert(name, getattr(args, name), flag_of(name))
+                                for name in OVERRIDES if getattr(args, name) is not None})
     exp_dir = Path(args.experiment)
     exp = ExperimentDir(exp_dir)
     read_config(exp_dir)  # refuses a missing folder before taking the lock

@@ -2,8 +2,8 @@
 
 Rebuilds the model of ``<exp>`` (best model by default, ``--checkpoint`` for the latest
 weights), opens the store of its config, tracks with `tractrain.generation.tracker` and writes a
-``.trk`` (or ``.tck``) in RAS+ mm whose header is the subject's reference volume's (affine,
-dimensions, voxel sizes, voxel order).
+``.trk``, ``.tck`` or ``.trx`` (`tractrain.data.trx_io`) in RAS+ mm whose header is the
+subject's reference volume's (affine, dimensions, voxel sizes, voxel order).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ SEED_SOURCES = ("mask", "valid-streamlines")
 def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="tractrain-track",
-        description="Track a subject with a trained model and write a tractogram (.trk or "
-        ".tck, RAS+ mm, in the subject's reference space).",
+        description="Track a subject with a trained model and write a tractogram (.trk, .tck "
+        "or .trx, RAS+ mm, in the subject's reference space).",
     )
     parser.add_argument("experiment", help="experiment folder written by tractrain-train")
     parser.add_argument("--subject", required=True, help="subject id in the store")
@@ -43,7 +43,7 @@ def make_parser() -> ArgumentParser:
                         "model before it tracks alone (default: 1)")
     parser.add_argument("--checkpoint", action="store_true",
                         help="use the latest checkpoint's weights instead of the best model")
-    parser.add_argument("--out", default="tracks.trk", help="output .trk or .tck "
+    parser.add_argument("--out", default="tracks.trk", help="output .trk, .tck or .trx "
                         "(default: tracks.trk)")
     parser.add_argument("--step-mm", dest="step_mm", type=float, default=None, metavar="X",
                         help="step size in mm (default: the training step_size)")
@@ -128,6 +128,11 @@ def write_tractogram(path: Path, tracks, info: dict) -> None:
     affine = np.asarray(info["affine"], dtype=np.float64)
     ras = tracks.points.cpu().numpy().astype(np.float64) @ affine[:3, :3].T + affine[:3, 3]
     streamlines = np.split(ras.astype(np.float32), np.cumsum(tracks.lengths.cpu().numpy())[:-1])
+    if path.suffix.lower() == ".trx":
+        from tractrain.data.trx_io import write_trx
+
+        write_trx(path, streamlines, affine, info["dimensions"])
+        return
     tractogram = Tractogram(streamlines, affine_to_rasmm=np.eye(4))
     path.parent.mkdir(parents=True, exist_ok=True)
     header = trk_header(info) if path.suffix.lower() == ".trk" else None
@@ -159,8 +164,12 @@ def track_command(args: argparse.Namespace) -> int:
     from tractrain.generation.tracker import STOP_NAMES, continue_tracks
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".trk", ".tck"):
-        raise ConfigError(f"--out {out}: expected a .trk or .tck file name")
+    if out.suffix.lower() not in (".trk", ".tck", ".trx"):
+        raise ConfigError(f"--out {out}: expected a .trk, .tck or .trx file name")
+    if out.suffix.lower() == ".trx":
+        from tractrain.data.trx_io import check_available
+
+        check_available(out, "writing")
     if args.seeds < 1 or args.seed_points < 1:
         raise ConfigError("--seeds and --seed-points: expected integers >= 1")
     exp_dir = Path(args.experiment)

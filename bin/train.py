@@ -17,6 +17,7 @@ from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
 from tractrain.bin.options import (
     OPTIONS,
     SECTIONS,
+    absolute_paths,
     add_option_flags,
     read_config_file,
     resolve,
@@ -196,7 +197,8 @@ def drop_if_unstarted(exp: ExperimentDir, lock) -> None:
 
 def train(args: argparse.Namespace) -> int:
     file_options = read_config_file(args.config) if args.config else {}
-    config = resolve(file_options, vars(args), source=args.config or "config file")
+    config = absolute_paths(resolve(file_options, vars(args), source=args.config or
+                                    "config file"))
     if config["store"] is None:  # recorded, so that eval and track find the same demo store
         from tractrain.bin.compose import demo_cache
 
@@ -241,7 +243,9 @@ def continue_auto(config: dict, given: set[str], exp_dir: Path, debug: bool) -> 
 
     exp = ExperimentDir(exp_dir)
     with writer_lock(exp):
-        config = auto_config(read_config(exp_dir), config, given, str(exp.config))
+        # an older config.json may hold relative paths: this command runs where it was run
+        config = auto_config(absolute_paths(read_config(exp_dir)), config, given,
+                             str(exp.config))
         from_scratch = is_unstarted(exp_dir)
         if not from_scratch:
             read_meta(exp_dir)  # a clear error now if there is no usable checkpoint

@@ -9,10 +9,9 @@ Config (JSON), file patterns relative to ``<root>/<subject>/`` (``*`` wildcards 
                     "step_size": 1.0, "dps_keys": ["bundle"]}},
      "subjects": {"train": ["sub-01", "sub-02"], "valid": ["sub-03"], "test": []}}
 
-``dps_keys`` (optional) keeps only these data-per-streamline keys (default: every key all
-files of the group have). Errors are `ConfigError` naming the key and what was expected (with
-a suggestion for a misspelt key). `tractrain.data.builder.build_store` builds the store a
-config describes.
+docs/builder.md documents every key, its default and its meaning. Errors are `ConfigError`
+naming the key and what was expected (with a suggestion for a misspelt key).
+`tractrain.data.builder.build_store` builds the store a config describes.
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ import json
 import os
 from pathlib import Path
 
-from tractrain.data.format import SPLITS
+from tractrain.data.format import SPLITS, is_plain_name
 from tractrain.errors import ConfigError
 
+TOP_KEYS = ("groups", "subjects")
 STANDARDIZATION = ("all", "independent", "per_file", "none")
 VOLUME_KEYS = {"type", "files", "standardization", "mask", "dtype"}
 STREAMLINE_KEYS = {"type", "files", "reference", "step_size", "compress", "dps_keys",
@@ -62,18 +62,21 @@ def validate_config(config, where: str = "config") -> dict:
     """Check the builder config's structure; return it unchanged."""
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: expected a JSON object with keys 'groups' and 'subjects'")
-    for key in ("groups", "subjects"):
+    for key in TOP_KEYS:
         if key not in config:
             raise ConfigError(f"{where}: missing key {key!r}")
-    unknown = set(config) - {"groups", "subjects"}
+    unknown = set(config) - set(TOP_KEYS)
     if unknown:
         name = sorted(unknown)[0]
-        raise ConfigError(f"{where}: unknown key {name!r}{_suggest(name, ['groups', 'subjects'])}")
+        raise ConfigError(f"{where}: unknown key {name!r}{_suggest(name, TOP_KEYS)}")
     groups = config["groups"]
     if not isinstance(groups, dict) or not groups:
         raise ConfigError(f"{where}: 'groups' must be a non-empty object")
     for name, group in groups.items():
         at = f"{where}: groups.{name}"
+        if not is_plain_name(name):
+            raise ConfigError(f"{at}: a group name must be a plain name (non-empty, no '/', "
+                              "not '.' or '..')")
         if not isinstance(group, dict):
             raise ConfigError(f"{at}: expected an object")
         kind = group.get("type")
@@ -89,6 +92,10 @@ def validate_config(config, where: str = "config") -> dict:
         if not isinstance(files, list) or not files or not all(
                 isinstance(f, str) for f in files):
             raise ConfigError(f"{at}.files: expected a non-empty list of file patterns")
+        for key in ("mask", "reference"):  # one file pattern each
+            if group.get(key) is not None and not isinstance(group[key], str):
+                raise ConfigError(f"{at}.{key}: expected one file pattern (a string), got "
+                                  f"{group[key]!r}")
         if kind == "volume":
             mode = group.setdefault("standardization", "none")
             if mode not in STANDARDIZATION:
@@ -121,6 +128,9 @@ def validate_config(config, where: str = "config") -> dict:
         if not isinstance(ids, list) or not all(isinstance(s, str) for s in ids):
             raise ConfigError(f"{where}: subjects.{split}: expected a list of subject ids")
         for subject in ids:
+            if not is_plain_name(subject):
+                raise ConfigError(f"{where}: subjects.{split}: {subject!r} is not a subject "
+                                  "folder name (non-empty, no '/', not '.' or '..')")
             if subject in seen:
                 raise ConfigError(f"{where}: subject {subject!r} is listed in both "
                                   f"{seen[subject]!r} and {split!r}")

@@ -5,8 +5,10 @@ Volume groups concatenate their files along features; ``standardization`` is ``a
 mean/std for every feature), ``independent`` (per feature), ``per_file`` (one per file) or
 ``none``; statistics are taken inside ``mask`` (or over voxels with any non-zero feature), the
 standardized values are written inside it and zeros outside; std is floored at 1e-6.
-Streamline groups accept .trk, .tck (needs ``reference``), .trx (if trx-python is installed),
+Streamline groups accept .trk, .tck (needs ``reference``) and .trx (`tractrain.data.trx_io`),
 optionally resampled to ``step_size`` mm or compressed with tolerance ``compress`` mm (dipy).
+Without ``reference`` the voxel grid is the one the .trk/.trx headers hold (all files of the
+group must agree). docs/builder.md documents every config key.
 
 The store is written to a temporary sibling folder and renamed into place at the end, so an
 interrupted build never leaves a half store at the output path.
@@ -43,6 +45,7 @@ from tractrain.data.store_writer import (
     volume_array,
     write_streamlines,
 )
+from tractrain.data.trx_io import read_trx
 from tractrain.errors import ConfigError
 
 STD_FLOOR = 1e-6
@@ -172,17 +175,13 @@ def _check_trk_count(path: Path) -> None:
 
 
 def _load_tractogram(path: Path, reference: Path | None):
-    """Streamlines of ``path`` in RAS+ mm, with its data-per-streamline."""
+    """``(points (M, 3) float32 in RAS+ mm, lengths, data-per-streamline, space)`` of a
+    tractogram; ``space`` is the ``(affine, dimensions)`` its header holds (.trk, .trx) or None
+    (.tck)."""
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix == ".trx":
-        try:
-            from trx.trx_file_memmap import load as load_trx
-        except ImportError:
-            raise ConfigError(f"{path}: reading .trx needs the trx-python package") from None
-        trx = load_trx(str(path))
-        streamlines = trx.streamlines
-        dps = {k: np.asarray(v) for k, v in trx.data_per_streamline.items()}
-        return streamlines, dps
+        points, lengths, dps, affine, dims = read_trx(path)
+        return points, lengths, dps, (affine, dims)
     if suffix == ".tck" and reference is None:
         raise ConfigError(f"{path}: a .tck file needs a 'reference' volume in its group "
                           "(TCK has no voxel grid)")
@@ -190,12 +189,16 @@ def _load_tractogram(path: Path, reference: Path | None):
         _check_trk_count(path)
         check_trk_voxel_order(path)
     try:
-        tractogram = nib.streamlines.load(str(path)).tractogram
+        loaded = nib.streamlines.load(str(path))
     except Exception as err:  # nibabel raises many types for unreadable files
         message = " ".join(str(err).split()) or type(err).__name__
         raise ConfigError(f"{path}: cannot read as a tractogram ({message[:200]})") from None
+    tractogram, space = loaded.tractogram, None
+    if suffix == ".trk":
+        space = (np.asarray(loaded.header["voxel_to_rasmm"], dtype=np.float64),
+                 [int(d) for d in loaded.header["dimensions"]])
     dps = {k: np.asarray(v) for k, v in tractogram.data_per_streamline.items()}
-    return tractogram.streamlines, dps
+    return *_flat(tractogram.streamlines), dps, space
 
 
 def _flat(streamlines) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +208,16 @@ def _flat(streamlines) -> tuple[np.ndarray, np.ndarray]:
     data = getattr(streamlines, "get_data", None)
     points = data() if data is not None else np.concatenate(list(streamlines))
     return np.asarray(points, dtype=np.float32).reshape(-1, 3), lengths
+
+
+def _same_space(first: tuple[Path, tuple], path: Path, space: tuple) -> None:
+    """Without a ``reference``, the files of a group must share the space of their headers."""
+    (where, (affine, dims)) = first
+    if dims != space[1] or not np.allclose(affine, space[0], atol=1e-4):
+        raise ConfigError(f"{path}: header space (dimensions {space[1]}, affine "
+                          f"{np.round(space[0], 4).tolist()}) differs from {where.name}'s "
+                          f"({dims}, {np.round(affine, 4).tolist()}); give the group a "
+                          "'reference' volume")
 
 
 def _check_streamlines(path: Path, points: np.ndarray, lengths: np.ndarray) -> None:
@@ -237,18 +250,17 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
     if group.get("reference"):
         reference = _match(folder, group["reference"], f"reference of group {name!r}")[0]
     all_points, all_lengths, dps_parts, sources = [], [], [], []
-    header_affine = header_dims = None
+    header_space = None  # (first file with a header space, its (affine, dimensions))
     for pattern in group["files"]:
         for path in _match(folder, pattern, f"streamline group {name!r}"):
-            streamlines, dps = _load_tractogram(path, reference)
-            points, lengths = _flat(streamlines)
+            points, lengths, dps, space = _load_tractogram(path, reference)
             if lengths.size == 0 or points.shape[0] == 0:
                 raise ConfigError(f"{path}: empty tractogram (no streamlines)")
             _check_streamlines(path, points, lengths)
-            if path.suffix.lower() == ".trk" and header_affine is None:
-                hdr = nib.streamlines.load(str(path), lazy_load=True).header
-                header_affine = np.asarray(hdr["voxel_to_rasmm"], dtype=np.float64)
-                header_dims = [int(d) for d in hdr["dimensions"]]
+            if space is not None and reference is None:
+                if header_space is None:
+                    header_space = (path, space)
+                _same_space(header_space, path, space)
             all_points.append(points)
             all_lengths.append(lengths)
             sources.append((path, lengths.size))
@@ -273,8 +285,8 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
     if reference is not None:
         ref, _ = _nifti(reference, read=False)
         affine, dims = ref.affine, [int(d) for d in ref.shape[:3]]
-    elif header_affine is not None:
-        affine, dims = header_affine, header_dims
+    elif header_space is not None:
+        affine, dims = header_space[1]
     else:
         raise ConfigError(f"{folder}: streamline group {name!r} needs a 'reference' volume")
     mm = lengths_mm(points, lengths)

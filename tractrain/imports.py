@@ -43,6 +43,18 @@ def is_file_spec(module: str) -> bool:
     return module.endswith(".py") or "/" in module or os.sep in module
 
 
+def absolute_spec(spec: object) -> object:
+    """``path/to/file.py:name`` with the file's resolved absolute path (as `import_file` loads
+    it), so that a recorded spec names the same file from any directory; any other value
+    unchanged. Recording it does not make it trusted (`check_recorded`)."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        return spec
+    module, name = spec.split(":")
+    if not module or not is_file_spec(module):
+        return spec
+    return f"{Path(module).expanduser().resolve()}:{name}"
+
+
 def is_builtin(spec: object) -> bool:
     """True if ``spec`` names an object of tractrain's own examples (safe to import)."""
     if not isinstance(spec, str) or spec.count(":") != 1:
