@@ -123,6 +123,10 @@ def check_options(config: dict) -> None:
     lr_for_epoch(config["lr"], 1)
     check_monitor(config)
     run_precision(config)
+    cap, nproc = config.get("max_batches_valid"), config.get("nproc_per_node") or 1
+    if cap is not None and nproc > 1 and cap < nproc:  # a process would have no batch
+        raise ConfigError(f"--max-batches-valid {cap} with --nproc-per-node {nproc}: every "
+                          f"process needs a validation batch; use {nproc} or more")
     trackers, comet = tracking(config)
     from tractrain.hooks.trackers import check_available
 
@@ -328,8 +332,16 @@ def eval_loader(store, config: dict, index, *, max_batches: int | None = None, r
                 world_size: int = 1, device: torch.device | None = None):
     """The validation loader of a run over ``index`` (a `SplitIndex`): the run's inputs and
     batch budget, deterministic augmentation, fixed order (no shuffle)."""
-    sampler = BatchSampler(index, sampler_config(config, max_batches), seed=config["seed"],
-                           shuffle=False, rank=rank, world_size=world_size)
+    budget = sampler_config(config, max_batches)
+    if world_size > 1:  # every rank computes the same count, so all refuse together
+        total = BatchSampler(index, budget, seed=config["seed"], shuffle=False).epoch_length()
+        if total < world_size:
+            raise ConfigError(
+                f"validation: {total} batch(es) for {world_size} processes, and every process "
+                f"needs one: raise --max-batches-valid to {world_size} or more, or use fewer "
+                "processes")
+    sampler = BatchSampler(index, budget, seed=config["seed"], shuffle=False, rank=rank,
+                           world_size=world_size)
     return make_dataloader(store, sampler, augment=augment_config(config).deterministic(),
                            **feeding(config, device))
 

@@ -254,3 +254,31 @@ def test_per_rank_state_refuses_a_single_process_checkpoint():
     assert state.state_dict()["world_size"] == 1
     with pytest.raises(CheckpointError, match="rng: .*single-process"):
         state.load_state_dict({"python": 1})
+
+
+def test_fewer_validation_batches_than_processes_is_one_line_before_anything(tmp_path, capsys):
+    """`--max-batches-valid 1` with 2 processes would leave one rank without a validation
+    batch (ignite then fails on that rank and the other reports a lost peer): refused at
+    start, exit 2, one line, no folder."""
+    from tractrain.bin.train import main as train_main
+
+    status = train_main(["--experiments", str(tmp_path / "e"), "--nproc-per-node", "2",
+                         "--max-batches-valid", "1", "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "--max-batches-valid 1 with --nproc-per-node 2" in err[0]
+    assert not (tmp_path / "e").exists()
+
+
+def test_every_rank_refuses_a_validation_split_smaller_than_the_world(phantom_store):
+    """Under torchrun the world size is known only in the ranks: each computes the same global
+    batch count, so all refuse together instead of one waiting for the other."""
+    from tractrain.bin.compose import eval_loader, validation_index
+    from tractrain.bin.options import defaults
+
+    config = {**defaults(), "max_batches_valid": 1}
+    index = validation_index(phantom_store, "bundles", config)
+    for rank in (0, 1):
+        with pytest.raises(ConfigError, match="1 batch\\(es\\) for 2 processes"):
+            eval_loader(phantom_store, config, index, max_batches=1, rank=rank, world_size=2)
+    assert len(eval_loader(phantom_store, config, index, max_batches=1).sampler) == 1
