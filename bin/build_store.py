@@ -46,7 +46,8 @@ def make_parser() -> ArgumentParser:
                         "(default: the config's folder)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is a store (never anything else)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (shown only when stderr is a terminal)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="build even when more than 1%% of a subject's streamline points "
                         "lie outside their reference volume (config key 'allow_outside' per "
@@ -87,7 +88,8 @@ def build(args: argparse.Namespace) -> int:
 
     config = _config(args)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent
-    out = build_store(config, args.out, root, force=args.force, progress=not args.quiet,
+    progress = not args.quiet and sys.stderr.isatty()  # no bar in a batch job's log file
+    out = build_store(config, args.out, root, force=args.force, progress=progress,
                       config_path=str(args.config), allow_outside=args.allow_outside,
                       jobs=args.jobs)
     print(f"store written: {out}")

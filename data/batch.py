@@ -188,7 +188,7 @@ class DeviceInputs:
         """Bytes a subject's volume takes on the device (its shape and dtype in the store)."""
         group = self.inputs.volume_group
         shape = self.store.volume_info(subject, group)["shape"]
-        itemsize = 2 if self.store.volume_groups[group].get("dtype") == "float16" else 4
+        itemsize = np.dtype(self.store.volume_groups[group].get("dtype") or "float32").itemsize
         return math.prod(int(d) for d in shape) * itemsize
 
     def _check_size(self, subject: str, size: int) -> None:

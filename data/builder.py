@@ -260,7 +260,8 @@ def _read_streamline_group(folder: Path, name: str, group: dict):
             if space is not None and reference is None:
                 if header_space is None:
                     header_space = (path, space)
-                _same_space(header_space, path, space)
+                else:
+                    _same_space(header_space, path, space)
             all_points.append(points)
             all_lengths.append(lengths)
             sources.append((path, lengths.size))

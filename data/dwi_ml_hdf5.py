@@ -307,7 +307,8 @@ def to_voxel_centre(points: np.ndarray, info: StreamlineInfo) -> np.ndarray:
     centre (tractrain's convention), float64."""
     pts = np.asarray(points, dtype=np.float64)
     if info.space == "Space.RASMM":
-        return pts @ np.linalg.inv(info.affine)[:3, :3].T + np.linalg.inv(info.affine)[:3, 3]
+        inverse = np.linalg.inv(info.affine)
+        return pts @ inverse[:3, :3].T + inverse[:3, 3]
     if info.space == "Space.VOXMM":
         pts = pts / info.voxel_sizes
     return pts - 0.5 if info.origin == "Origin.TRACKVIS" else pts

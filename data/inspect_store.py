@@ -18,7 +18,7 @@ import torch
 
 from tractrain.data.format import check_streamline_index, stored_chunks
 from tractrain.data.interpolation import interpolate
-from tractrain.data.space_check import inside_mask
+from tractrain.data.space_check import outside_count
 from tractrain.data.store import store_array
 from tractrain.errors import StoreError
 
@@ -177,7 +177,7 @@ def _scan_points(store, subject: str, group: str, masks: dict) -> dict:
         bad += int((~finite).sum())
         pts = pts[finite]
         finite_total += pts.shape[0]
-        outside += int(pts.shape[0] - inside_mask(pts, dims).sum())
+        outside += outside_count(pts, dims)
         for name, mask in masks.items():
             t = transforms[name]
             vox = pts if t is None else (pts @ t[:3, :3].T + t[:3, 3]).astype(np.float32)

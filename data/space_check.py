@@ -45,7 +45,15 @@ def check_inside(points_vox: np.ndarray, shape: Sequence[int], subject: str,
     the subject, ``source``, the share outside, the likely causes and ``override``, the way
     to accept it) when it exceeds ``tolerance`` (a share: 0.01 is 1 % of the points)."""
     n = int(np.asarray(points_vox).reshape(-1, 3).shape[0])
-    out = outside_count(points_vox, shape)
+    return refuse_outside(outside_count(points_vox, shape), n, shape, subject, source,
+                          tolerance, reference, override)
+
+
+def refuse_outside(out: int, n: int, shape: Sequence[int], subject: str,
+                   source: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE,
+                   reference: str | None = None, override: str = OVERRIDE) -> float:
+    """``out / n``, the share of points outside a grid of ``shape``; the one-line `StoreError`
+    of `check_inside` when it exceeds ``tolerance``."""
     share = out / n if n else 0.0
     if share > tolerance:
         ref = f" {reference}" if reference else ""
@@ -74,14 +82,8 @@ class StreamedInsideCheck:
             self.counts[1] += int(np.asarray(points_vox).reshape(-1, 3).shape[0])
             return
         (out, n), self.counts = self.counts, [0, 0]
-        share = out / n if n else 0.0
-        if share > self.tolerance:
-            dims_text = "x".join(str(int(d)) for d in dims[:3])
-            raise StoreError(
-                f"subject {subject}: {self.source} group {group}: {100 * share:.1f}% of "
-                f"streamline points ({out} of {n}) lie outside the reference volume "
-                f"({dims_text} voxels; tolerance {100 * self.tolerance:g}%): {CAUSES}; pass "
-                f"{self.override} to accept it anyway")
+        refuse_outside(out, n, dims, subject, f"{self.source} group {group}", self.tolerance,
+                       override=self.override)
 
 
 def check_files_inside(points_vox: np.ndarray, lengths: np.ndarray,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from tractrain.data.split_index import SplitIndex
 from tractrain.engine.contract import FirstCallChecked
-from tractrain.engine.trainer import LossFn
+from tractrain.engine.trainer import LossFn, _to_device
 
 
 def evaluate(model: torch.nn.Module, loss_fn: LossFn, loader: Iterable, *,
@@ -34,7 +34,7 @@ def evaluate(model: torch.nn.Module, loss_fn: LossFn, loader: Iterable, *,
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    prepare = prepare_batch or (lambda batch, dev: batch.to(dev, non_blocking=True))
+    prepare = prepare_batch or _to_device
     show = sys.stderr.isatty() if progress is None else bool(progress)
     total = count = 0.0
     batches = 0

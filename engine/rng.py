@@ -26,7 +26,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device (lazily if CUDA is not started)
-    torch.cuda.manual_seed_all(seed)
 
 
 def set_deterministic(enabled: bool = True) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events, State
 
-from tractrain.engine.contract import check_loss_result
+from tractrain.engine.contract import FirstCallChecked
 from tractrain.engine.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -230,7 +230,7 @@ class TrainStep:
         self.prepare = self._prepare if batch_check is None else self._prepare_checked
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._engine: Engine | None = None
-        self._call_loss: Callable = self._first_loss  # the loss_fn itself after one batch
+        self._loss = FirstCallChecked(loss_fn, training=True)  # the contract, first batch
 
     def _prepare_checked(self, batch, device: torch.device):
         """Prepare a first batch and run ``batch_check`` on it until it reports done; later
@@ -240,20 +240,13 @@ class TrainStep:
             self.prepare = self._prepare
         return batch
 
-    def _first_loss(self, model: torch.nn.Module, batch):
-        """``loss_fn`` on the run's first batch, its result checked against the contract."""
-        result = self.loss_fn(model, batch)
-        check_loss_result(result, self.loss_fn, training=True)
-        self._call_loss = self.loss_fn
-        return result
-
     def __call__(self, engine: Engine, batch) -> dict:
         """Train on one batch: forward, backward, finiteness check, clipping, update."""
         self.model.train()
         batch = self.prepare(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
-            loss, n = self._call_loss(self.model, batch)
+            loss, n = self._loss.call(self.model, batch)
         if self.amp:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)  # once per step, before norm and clipping

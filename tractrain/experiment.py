@@ -347,8 +347,7 @@ def has_checkpoint(exp_dir: str | os.PathLike, *, or_best_model: bool = False) -
     ``or_best_model`` a complete best model."""
     exp = ExperimentDir(exp_dir)
     folders = (exp.checkpoint, exp.best_model) if or_best_model else (exp.checkpoint,)
-    return any(is_complete(f.with_name(f.name + end)) for f in folders
-               for end in ("", ".new", ".old"))
+    return any(is_complete(c) for f in folders for c in swap_candidates(f))
 
 
 def is_unstarted(exp_dir: str | os.PathLike) -> bool:
