@@ -20,14 +20,15 @@ import signal
 import subprocess
 from pathlib import Path
 
+from tractrain.bin.options import flag_of
 from tractrain.errors import ConfigError
 
 log = logging.getLogger("tractrain.cluster")
 
 REQUEUED = 0
 SCONTROL_TIMEOUT_S = 60
-# options a continued run may change (those tractrain-resume accepts, plus run-time ones that
-# change no result); any other recorded option given with another value is refused
+# options a continued run may change (run-time ones that change no result: the README lists
+# them); any other recorded option given with another value is refused
 AUTO_OVERRIDES = ("max_epochs", "patience", "store", "cache_dir", "experiments", "num_workers",
                   "device", "progress", "log_every", "requeue", "keep_checkpoints")
 
@@ -85,11 +86,11 @@ def auto_config(recorded: dict, wanted: dict, given: set[str], where: str) -> di
         if name not in recorded or name in AUTO_OVERRIDES:
             config[name] = value
         elif recorded[name] != value and (name in given or name in ("model", "loss")):
-            flag = "--" + name.replace("_", "-")
             raise ConfigError(
-                f"{flag} {_shown(value)}: {where} was recorded with {_shown(recorded[name])}; "
+                f"{flag_of(name)} {_shown(value)}: {where} was recorded with "
+                f"{_shown(recorded[name])}; "
                 f"--resume auto continues an experiment as it was (it may change only "
-                f"{', '.join('--' + o.replace('_', '-') for o in AUTO_OVERRIDES)}); "
+                f"{', '.join(map(flag_of, AUTO_OVERRIDES))}); "
                 "give another --name to start a new one")
     return config
 

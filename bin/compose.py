@@ -192,12 +192,15 @@ def run_training(config: dict, exp_dir: Path, resume: bool = False):
                                    **feeding(config, device))
     valid_loader = None
     if store.splits.get("valid"):
-        valid_loader = eval_loader(store, config, validation_index(store, group, config),
+        full = split_index(store, "valid", group)  # read once, with its strata
+        strata = store_strata(store, full)
+        valid_loader = eval_loader(store, config,
+                                   validation_index(store, group, config, full, strata),
                                    max_batches=config["max_batches_valid"], rank=rank,
                                    world_size=world, device=device)
         if rank == 0:
-            print(f"validation: {valid_coverage(store, group, valid_loader.sampler)}",
-                  flush=True)
+            coverage_line = valid_coverage(store, group, valid_loader.sampler, full, strata)
+            print(f"validation: {coverage_line}", flush=True)
     check_monitor(config, has_valid=valid_loader is not None)  # before the first epoch
     first = store.splits["train"][0]
     n_inputs = num_input_features(store.volume_groups[config["volume_group"]]["n_features"],
@@ -253,28 +256,32 @@ def factory_config(config: dict) -> dict:
     return dict(DEMO_MODEL_CONFIG) if config["model"] == DEMO_MODEL else {}
 
 
-def validation_index(store, group: str, config: dict):
+def validation_index(store, group: str, config: dict, full=None, strata=None):
     """The valid split's index; when validation is capped (``max_batches_valid``,
     ``valid_fraction``) a fixed sample of it, seeded by ``seed`` and stratified by subject and
-    bundle (`tractrain.data.valid_sample`): the same streamlines at every epoch and resume."""
-    full = split_index(store, "valid", group)
+    bundle (`tractrain.data.valid_sample`): the same streamlines at every epoch and resume.
+    ``full`` / ``strata``: the valid split's index and strata, if already read."""
+    full = split_index(store, "valid", group) if full is None else full
     cap, fraction = config["max_batches_valid"], config.get("valid_fraction")
     if cap is None and fraction is None:
         return full
     max_cost = None if cap is None else cap * float(config["batch_size"])
     size = sample_size(full, fraction=fraction, max_cost=max_cost, units=config["batch_units"])
-    return stratified_sample(full, size, config["seed"], store_strata(store, full))
+    strata = store_strata(store, full) if strata is None else strata
+    return stratified_sample(full, size, config["seed"], strata)
 
 
-def valid_coverage(store, group: str, sampler: BatchSampler) -> str:
-    """One line: the share of the valid split that the sampler's (fixed) epoch evaluates."""
-    full = split_index(store, "valid", group)
+def valid_coverage(store, group: str, sampler: BatchSampler, full=None, strata=None) -> str:
+    """One line: the share of the valid split that the sampler's (fixed) epoch evaluates
+    (``full`` / ``strata`` as for `validation_index`)."""
+    full = split_index(store, "valid", group) if full is None else full
+    strata = store_strata(store, full) if strata is None else strata
     seen: dict[str, list] = {s: [np.empty(0, np.int64)] for s in full.subjects}
     for batch in sampler.batches(0):
         for subject, ids in batch:
             seen[subject].append(ids)
     positions = tuple(np.sort(np.concatenate(seen[s])) for s in full.subjects)
-    line = describe(coverage(full.subset(positions), full, store_strata(store, full)))
+    line = describe(coverage(full.subset(positions), full, strata))
     whole = all(p.size == n for p, n in zip(positions, full.counts.tolist(), strict=True))
     return line + ("" if whole else f" (fixed sample, seed {sampler.seed})")
 
@@ -319,8 +326,6 @@ def run_precision(config: dict) -> str:
     from tractrain.engine.precision import resolve_precision
 
     amp, precision = bool(config.get("amp")), config.get("precision")
-    if amp and precision == "16-mixed":
-        amp = False
     try:
         return resolve_precision(precision, amp)
     except ConfigError:

@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.options import GEN_METRICS
 from tractrain.bin.resume import add_trust_flags, trusted_code
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, read_best_epoch, read_config
 
 SPLITS = ("test", "valid", "train")
 COLUMNS = ("subject", "n", "batches", "loss")
-GEN_METRICS = ("gen_endpoint_dist", "gen_within", "gen_length")
 
 
 def make_parser() -> ArgumentParser:
@@ -111,13 +111,14 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
     prepare = device_inputs(store, config)
     index = split_index(store, args.split, group)
 
-    def loss_on(part, desc: str) -> dict:
-        loader = eval_loader(store, config, part)
+    def loss_on(loader, desc: str) -> dict:
         return evaluate(model, loss_fn, loader, device=device, prepare_batch=prepare,
                         progress=None, desc=desc)
 
-    subjects = [{"subject": s, **loss_on(subject_index(index, s), s)} for s in index.subjects]
-    overall = loss_on(index, args.split)
+    subjects = [{"subject": s, **loss_on(eval_loader(store, config, subject_index(index, s)), s)}
+                for s in index.subjects]
+    whole = eval_loader(store, config, index)  # the overall loss and the demo's baselines
+    overall = loss_on(whole, args.split)
     n_gen = args.gen_streamlines
     if n_gen is None:
         n_gen = config.get("gen_streamlines") or 100
@@ -125,7 +126,7 @@ def evaluate_experiment(args: argparse.Namespace) -> dict:
             "epoch": weights_epoch(exp_dir, args.which), "store": str(store.path),
             **overall, "subjects": subjects,
             "generation": generation_scores(model, store, config, args.split, n_gen, device),
-            "baselines": demo_baselines(config, eval_loader(store, config, index))}
+            "baselines": demo_baselines(config, whole)}
 
 
 def demo_baselines(config: dict, loader) -> dict | None:

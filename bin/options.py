@@ -29,10 +29,6 @@ def comet_mode(value: Any) -> str:
 
 def tracker_list(value: Any) -> list[str]:
     """``--trackers``: a comma-separated list (or a config file's list) of `CHOICES` names."""
-    if isinstance(value, str):
-        value = value.lower()
-    elif isinstance(value, list | tuple):
-        value = [str(v).lower() for v in value]
     return [name for name in CHOICES["trackers"].check(value).split(",") if name]
 
 
