@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
+import struct
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from ignite.engine import Engine, Events, State
+from ignite.engine import Engine, Events
 
 from tractrain.engine.contract import FirstCallChecked
 from tractrain.engine.distributed import (
@@ -29,6 +28,7 @@ from tractrain.engine.distributed import (
     any_rank,
     is_distributed,
 )
+from tractrain.engine.loop import TrainerEngine
 from tractrain.engine.precision import Precision
 from tractrain.errors import ConfigError
 
@@ -39,39 +39,6 @@ NAN_POLICIES = ("stop", "skip")
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient was NaN/inf and the policy is ``stop``."""
-
-
-class TrainerEngine(Engine):
-    """An ignite Engine whose epochs may hold different numbers of iterations.
-
-    ignite assumes a constant ``epoch_length``; our samplers cut epochs by a points or mm
-    budget, so their length varies. `SamplerEpochs` sets ``state.epoch_length`` at every
-    EPOCH_STARTED; the run ends on ``max_epochs`` (or ``max_iters``) only.
-    """
-
-    def _fire_event(self, event_name, *event_args, **event_kwargs) -> None:
-        """ignite's dispatch, minus its per-event debug message (formatted for every event even
-        when DEBUG is off: a measurable share of a small model's iteration) and minus any
-        work for events without handlers. Handlers are called as ignite calls them."""
-        if self.logger.isEnabledFor(logging.DEBUG):
-            return super()._fire_event(event_name, *event_args, **event_kwargs)
-        self.last_event_name = event_name
-        for func, args, kwargs in self._event_handlers.get(event_name, ()):
-            kwargs.update(event_kwargs)
-            if args and isinstance(args[0], weakref.ref):  # ignite's reference to the engine
-                engine = args[0]()
-                if engine is None:
-                    raise RuntimeError("Engine reference not resolved")
-                func(engine, *event_args, *args[1:], **kwargs)
-            else:
-                func(*event_args, *args, **kwargs)
-        return None
-
-    @staticmethod
-    def _is_done(state: State) -> bool:
-        if state.max_iters is not None and state.iteration >= state.max_iters:
-            return True
-        return state.max_epochs is not None and state.epoch >= state.max_epochs
 
 
 class EpochMean:
@@ -124,20 +91,26 @@ def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def clip_factor(norm: float | torch.Tensor, max_norm: float) -> float | torch.Tensor:
-    """``min(1, max_norm / (norm + 1e-6))``, the factor `clip_grads_with_norm_` scales by, in
-    float64: a float for a norm already read on the host, else a tensor where ``norm`` is."""
+def clipped_norm(norm: float | torch.Tensor, max_norm: float) -> float | torch.Tensor:
+    """The total norm after `clip_grads_with_norm_` scaled the gradients by
+    ``min(1, max_norm / (norm + 1e-6))`` (that factor in float64, the product in the norm's
+    float32): a float for a norm read on the host (no tensor op per batch), else a tensor where
+    ``norm`` is."""
     if isinstance(norm, torch.Tensor):
-        return torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(norm.dtype)
-    return min(1.0, max_norm / (norm + 1e-6))
+        return norm * torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(norm.dtype)
+    factor = max_norm / (norm + 1e-6)
+    if factor >= 1.0:  # not clipped: the (float32) norm itself
+        return norm
+    # a float32 norm times a float32 factor is exact in float64: one rounding, as float32's
+    return _to_float32(norm * _to_float32(factor))
 
 
-def scaled_norm(norm: float | torch.Tensor, factor: float | torch.Tensor) -> float | torch.Tensor:
-    """``norm * factor`` as float32 arithmetic gives it (the norm's own precision): a float for
-    a norm read on the host (no tensor op per batch), else a tensor where ``norm`` is."""
-    if isinstance(norm, torch.Tensor):
-        return norm * factor
-    return float(np.float32(norm) * np.float32(factor))
+_FLOAT32 = struct.Struct("f")
+
+
+def _to_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python float)."""
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
 def _weight(n: int | float | torch.Tensor) -> float | torch.Tensor:
@@ -230,6 +203,7 @@ class TrainStep:
         self.prepare = self._prepare if batch_check is None else self._prepare_checked
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._engine: Engine | None = None
+        self._distributed: bool | None = None  # read once per run (at its first check)
         self._loss = FirstCallChecked(loss_fn, training=True)  # the contract, first batch
 
     def _prepare_checked(self, batch, device: torch.device):
@@ -260,7 +234,7 @@ class TrainStep:
         clipped = norm_value
         if self.clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, norm)
-            clipped = scaled_norm(norm_value, clip_factor(norm_value, self.clip))
+            clipped = clipped_norm(norm_value, self.clip)
         if self.amp:
             self.scaler.step(self.optimizer)  # skipped by the scaler on overflow
             self.scaler.update()  # ... which then backs off the scale
@@ -287,7 +261,9 @@ class TrainStep:
         value, norm_value = float(loss), float(norm)  # one host read each, reused below
         bad_loss, bad_norm = not math.isfinite(value), not math.isfinite(norm_value)
         bad = bad_loss or (bad_norm and not self.amp)  # the scaler owns overflowed gradients
-        if is_distributed():
+        if self._distributed is None:
+            self._distributed = is_distributed()
+        if self._distributed:
             bad = any_rank(bad)  # every rank skips or stops the same step
         state = engine.state
         if not bad:
@@ -321,6 +297,9 @@ class TrainStep:
             raise NonFiniteError(f"non-finite loss or gradient norm at iteration {bad} (epoch "
                                  f"{epoch}; checked every {self.check_every} iterations)")
 
+    def _started(self, engine: Engine) -> None:
+        self._distributed = None  # a new run may be in another process group
+
     def _epoch_completed(self, engine: Engine) -> None:
         self.check_finite()
         metrics = engine.state.metrics
@@ -337,6 +316,7 @@ class TrainStep:
         """Register the epoch metrics (and the deferred checks) on ``engine``, whose process
         function is this step."""
         self._engine = engine
+        engine.add_event_handler(Events.STARTED, self._started)
         if self.check_every > 1:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every),
                                      self.check_finite)

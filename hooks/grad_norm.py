@@ -19,7 +19,11 @@ class GradNorm:
     KEYS = ("grad_norm", "unclipped_grad_norm")
 
     def __init__(self) -> None:
-        self.batch_values: dict[str, list[float]] = {k: [] for k in self.KEYS}
+        self._reset({k: [] for k in self.KEYS})
+
+    def _reset(self, values: dict[str, list]) -> None:
+        self.batch_values = values
+        self._lists = tuple(values[k] for k in self.KEYS)  # what `_collect` appends to
 
     def attach(self, trainer: Engine) -> GradNorm:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
@@ -30,34 +34,34 @@ class GradNorm:
         output = trainer.state.output
         if not isinstance(output, dict) or output.get("skipped"):
             return
-        for key in self.KEYS:  # tensors kept as they are: read once per epoch (`_to_floats`)
-            value = output[key]
-            self.batch_values[key].append(value.detach() if isinstance(value, torch.Tensor)
-                                          else float(value))
+        # as given (floats, or `TrainStep`'s detached tensors: read once per epoch)
+        grad_norm, unclipped = self._lists
+        grad_norm.append(output["grad_norm"])
+        unclipped.append(output["unclipped_grad_norm"])
 
     def _to_floats(self) -> None:
-        """Read the values kept on a device, one transfer per metric."""
+        """Make every kept value a float: those on a device read with one transfer per metric."""
         for values in self.batch_values.values():
-            where = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-            if where:
-                read = torch.stack([values[i] for i in where]).tolist()
-                for i, value in zip(where, read, strict=True):
-                    values[i] = float(value)
+            tensors = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+            if tensors:
+                read = torch.stack([values[i].detach() for i in tensors]).tolist()
+                for i, value in zip(tensors, read, strict=True):
+                    values[i] = value
+            values[:] = [float(v) for v in values]
 
     def _publish(self, trainer: Engine) -> None:
         self._to_floats()
         for key, values in self.batch_values.items():  # an AMP overflow step's inf left out
             values = [v for v in values if math.isfinite(v)]
-            self.batch_values[key] = values
             trainer.state.metrics[key] = math.fsum(values) / len(values) if values else math.nan
-        values = self.batch_values["unclipped_grad_norm"]
+        values = [v for v in self.batch_values["unclipped_grad_norm"] if math.isfinite(v)]
         trainer.state.metrics["unclipped_grad_norm_max"] = max(values) if values else math.nan
-        self.batch_values = {k: [] for k in self.KEYS}
+        self._reset({k: [] for k in self.KEYS})
 
     def state_dict(self) -> dict:
         self._to_floats()
         return {"batch_values": {k: list(v) for k, v in self.batch_values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batch_values = {k: [float(x) for x in state["batch_values"].get(k, [])]
-                             for k in self.KEYS}
+        self._reset({k: [float(x) for x in state["batch_values"].get(k, [])]
+                     for k in self.KEYS})

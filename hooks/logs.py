@@ -18,7 +18,7 @@ import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
 
-from tractrain.atomic import atomic_write_bytes, fsync_dir, remove_stale_temps
+from tractrain.atomic import atomic_write_files, remove_stale_temps
 from tractrain.errors import CheckpointError, ConfigError
 from tractrain.experiment import ExperimentDir
 from tractrain.util import to_float
@@ -108,13 +108,11 @@ class NpyLogs:
         return {k: np.asarray(v, dtype=np.float64) for k, v in self.values.items()}
 
     def write(self) -> None:
-        """Write every ``<metric>.npy`` and ``logs.csv`` atomically.
-
-        If a write fails (disk full, I/O error), the files already rewritten get their previous
-        content back (best effort) so that all logs keep the same epochs; the error propagates.
-        Files are renamed into place (never half-written, even if the process is killed) but not
-        fsynced one by one: the logs are a mirror of this hook's state, which the (fsynced)
-        checkpoint holds and a resumed run writes again. One folder fsync at the end.
+        """Write every ``<metric>.npy`` and ``logs.csv`` together (`atomic_write_files`): a
+        failed write (disk full, I/O error) replaces none of them, so all logs keep the same
+        epochs; the error propagates. Files are renamed into place (never half-written, even
+        if the process is killed) but not fsynced one by one: the logs are a mirror of this
+        hook's state, which the (fsynced) checkpoint holds and a resumed run writes again.
         """
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -130,26 +128,7 @@ class NpyLogs:
             cells = (self.values[n][i] for n in names)
             writer.writerow([epoch, *("" if math.isnan(v) else repr(v) for v in cells)])
         files[self.exp_dir.logs_csv.name] = text.getvalue().encode()
-        previous: dict[str, bytes | None] = {}
-        try:
-            for name, data in files.items():
-                path = self.logs_dir / name
-                previous[name] = path.read_bytes() if path.is_file() else None
-                atomic_write_bytes(path, data, durable=False)
-            fsync_dir(self.logs_dir)
-        except OSError:
-            self._roll_back(previous)
-            raise
-
-    def _roll_back(self, previous: Mapping[str, bytes | None]) -> None:
-        for name, data in previous.items():
-            try:
-                if data is None:
-                    (self.logs_dir / name).unlink(missing_ok=True)
-                else:
-                    atomic_write_bytes(self.logs_dir / name, data)
-            except OSError:
-                pass  # the disk is failing: the original error is the one to report
+        atomic_write_files(self.logs_dir, files, durable=False)
 
     def state_dict(self) -> dict:
         """``{"epochs": [...], "values": {metric: [...]}}``; NaN is stored as None (strict JSON)."""

@@ -378,3 +378,15 @@ def test_producers_are_checkpointed_by_name_and_old_producer_keys_still_resume(t
     states["producer_0"] = states.pop("epoch_counter")  # the key tractrain 0.1 wrote
     torch.save(states, exp / "checkpoint" / "state.pt")
     assert train(3, resume=True).count == 3  # restored from producer_0, then one more epoch
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 3.0])
+def test_clipped_norm_on_host_equals_the_tensor_arithmetic(max_norm):
+    """The clipped gradient norm logged from a host float (every-iteration checks) is the same
+    number as the one computed on the device (deferred checks), clipped or not."""
+    from tractrain.engine.trainer import clipped_norm
+
+    rng = np.random.default_rng(0)
+    for value in [*rng.uniform(0, 5, size=200), 0.0, 1e-7, 123.456, max_norm]:
+        norm = torch.tensor(value, dtype=torch.float32)
+        assert clipped_norm(float(norm), max_norm) == float(clipped_norm(norm, max_norm))

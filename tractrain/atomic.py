@@ -30,17 +30,28 @@ def _named(err: OSError, path: Path) -> OSError:
     return err
 
 
-def write_file(path: str | os.PathLike, data: bytes, name: str | None = None) -> None:
-    """Write ``data`` to ``path`` (not atomic: for files inside a folder being built);
-    ``name`` (default: the file's) names the fault event ``write:<name>``."""
-    path = Path(path)
-    half = len(data) // 2
-    with open(path, "wb") as f:
-        f.write(data[:half])
+def write_file(path: str | os.PathLike, data: bytes, name: str | None = None,
+               durable: bool = False) -> None:
+    """Write ``data`` to ``path`` (not atomic: for files inside a folder being built), fsynced
+    before closing if ``durable``; ``name`` (default: the file's) names the fault event
+    ``write:<name>``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        half = len(view) // 2
+        _write_all(fd, view[:half])
         if os.environ.get(FAULT_ENV):
-            f.flush()
-            fault_point(f"write:{name or path.name}")
-        f.write(data[half:])
+            fault_point(f"write:{name or os.path.basename(path)}")
+        _write_all(fd, view[half:])
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _alive(pid: str) -> bool:
@@ -66,8 +77,8 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (renames, new files) to disk."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a directory's entries (renames, new files), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -84,19 +95,44 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write_file(tmp, data, path.name)
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        write_file(tmp, data, path.name, durable=durable)
         fault_point(f"replace:{path.name}")
         os.replace(tmp, path)
         if durable:
-            fsync_dir(path.parent)
+            fsync_path(path.parent)
     except OSError as err:
         raise _named(err, path) from err
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes],
+                       durable: bool = True) -> None:
+    """Replace the files ``{name: data}`` of ``folder`` together: each is written to a
+    temporary beside it, then all are renamed into place and the folder is flushed once.
+
+    A failed write (disk full, I/O error) replaces none of them: the temporaries are removed
+    and the `OSError` names the file. ``durable`` as in `atomic_write_bytes`.
+    """
+    folder = os.fspath(folder)
+    pid = os.getpid()
+    moves = []
+    try:
+        for name, data in files.items():
+            path = os.path.join(folder, name)
+            tmp = os.path.join(folder, f".{name}.tmp-{pid}")
+            moves.append((tmp, path))
+            write_file(tmp, data, name, durable=durable)
+            fault_point(f"replace:{name}")
+    except OSError as err:
+        for tmp, _ in moves:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise _named(err, Path(path)) from err
+    for tmp, path in moves:
+        os.replace(tmp, path)
+    fsync_path(Path(folder))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -107,9 +143,8 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(Path(dirpath))
 
 
 def swap_target(target: str | os.PathLike) -> Path:
@@ -137,16 +172,19 @@ def repair_dir(target: str | os.PathLike) -> None:
     otherwise keeps ``target``; incomplete leftovers are removed.
     """
     target, new, old = swap_candidates(target)
+    changed = False
     if not target.exists():
-        if new.exists() and is_complete(new):
-            os.replace(new, target)
-        elif old.exists() and is_complete(old):
-            os.replace(old, target)
+        for candidate in (new, old):
+            if candidate.exists() and is_complete(candidate):
+                os.replace(candidate, target)
+                changed = True
+                break
     for leftover in (new, old):
         if leftover.exists():
             shutil.rmtree(leftover)
-    if target.parent.exists():
-        fsync_dir(target.parent)
+            changed = True
+    if changed:
+        fsync_path(target.parent)
 
 
 def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -173,7 +211,7 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
             os.replace(real, old)
             fault_point(f"{target.name}:swap")
         os.replace(new, real)
-        fsync_dir(real.parent)
+        fsync_path(real.parent)
         if old.exists():
             shutil.rmtree(old)
     except OSError as err:
