@@ -111,8 +111,8 @@ class NpyLogs:
         """Write every ``<metric>.npy`` and ``logs.csv`` together (`atomic_write_files`): a
         failed write (disk full, I/O error) replaces none of them, so all logs keep the same
         epochs; the error propagates. Files are renamed into place (never half-written, even
-        if the process is killed) but not fsynced one by one: the logs are a mirror of this
-        hook's state, which the (fsynced) checkpoint holds and a resumed run writes again.
+        if the process is killed) but not fsynced: the logs are a mirror of this hook's state,
+        which the (fsynced) checkpoint holds and a resumed run writes again.
         """
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         files = {}

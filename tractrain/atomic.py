@@ -113,7 +113,8 @@ def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes],
     temporary beside it, then all are renamed into place and the folder is flushed once.
 
     A failed write (disk full, I/O error) replaces none of them: the temporaries are removed
-    and the `OSError` names the file. ``durable`` as in `atomic_write_bytes`.
+    and the `OSError` names the file. ``durable`` (as in `atomic_write_bytes`) also fsyncs
+    each file and the folder.
     """
     folder = os.fspath(folder)
     pid = os.getpid()
@@ -132,7 +133,8 @@ def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes],
         raise _named(err, Path(path)) from err
     for tmp, path in moves:
         os.replace(tmp, path)
-    fsync_path(Path(folder))
+    if durable:
+        fsync_path(folder)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
