@@ -20,7 +20,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tractrain.bin.options import flag_of
+from tractrain.bin.options import RESUME_OVERRIDES, flag_of
 from tractrain.errors import ConfigError
 
 log = logging.getLogger("tractrain.cluster")
@@ -29,8 +29,7 @@ REQUEUED = 0
 SCONTROL_TIMEOUT_S = 60
 # options a continued run may change (run-time ones that change no result: the README lists
 # them); any other recorded option given with another value is refused
-AUTO_OVERRIDES = ("max_epochs", "patience", "store", "cache_dir", "experiments", "num_workers",
-                  "device", "progress", "log_every", "requeue", "keep_checkpoints")
+AUTO_OVERRIDES = (*RESUME_OVERRIDES, "cache_dir", "experiments", "requeue", "keep_checkpoints")
 
 
 def signal_status(name: str) -> int:

@@ -143,6 +143,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                            "<exp>/logs/iterations.csv and the trackers (and with -v, stderr)"),
 }
 
+# What a run that continues an experiment may change (`tractrain-resume`'s flags; `--resume
+# auto` also takes these, plus where experiments and caches live and the cluster options).
+RESUME_OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
+                    "log_every", "precision", "pin_memory", "device_cache_gb", "dist_timeout")
+
 # Options with a fixed set of values, checked with a suggestion when the options are resolved
 # (before the store is opened). An entry applies while its option is a string option (kind str);
 # comet, trackers and precision are declared for the options of the logging/trackers work.

@@ -9,12 +9,18 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
-from tractrain.bin.options import OPTIONS, absolute_paths, add_flag, convert, flag_of
+from tractrain.bin.options import (
+    OPTIONS,
+    RESUME_OVERRIDES,
+    absolute_paths,
+    add_flag,
+    convert,
+    flag_of,
+)
 from tractrain.experiment import ExperimentDir, is_unstarted, read_config
 from tractrain.imports import absolute_spec, check_recorded
 
-OVERRIDES = ("max_epochs", "patience", "store", "num_workers", "device", "progress",
-             "log_every", "precision", "pin_memory", "device_cache_gb", "dist_timeout")
+OVERRIDES = RESUME_OVERRIDES
 # Their help here (else the option table's, the recorded value being the default).
 HELP = {
     "max_epochs": "new total number of epochs (extends a finished run)",

@@ -197,6 +197,22 @@ def test_resume_auto_keeps_recorded_options_not_given():
         auto_config(recorded, dict(wanted, loss="other.mod:loss"), set(), "exp")
 
 
+def test_resume_auto_may_change_what_tractrain_resume_may():
+    """Every option `tractrain-resume` takes (e.g. --precision on a GPU node, a longer
+    --dist-timeout) is also taken by `--resume auto`; others are still refused."""
+    from tractrain.bin.cluster import auto_config
+    from tractrain.bin.resume import OVERRIDES
+    from tractrain.errors import ConfigError
+
+    recorded = {"precision": "32", "dist_timeout": 600, "pin_memory": None, "lr": "1e-3"}
+    wanted = {"precision": "bf16-mixed", "dist_timeout": 1800, "pin_memory": False, "lr": "1e-3"}
+    assert auto_config(recorded, wanted, set(wanted), "exp") == wanted
+    for name in OVERRIDES:
+        assert auto_config({name: 1}, {name: 2}, {name}, "exp") == {name: 2}
+    with pytest.raises(ConfigError, match="^--lr '0.003': exp was recorded with"):
+        auto_config(recorded, dict(wanted, lr="0.003"), set(wanted), "exp")
+
+
 def test_keep_checkpoints_prunes_and_going_back_reproduces(phantom_store, tmp_path, capsys,
                                                            one_thread):
     from tractrain.bin.resume import main as resume
