@@ -76,6 +76,15 @@ class TrainerEngine(Engine):
                     kwargs.update(event_kwargs)
                 func(*event_args, *args, **kwargs)
 
+    def _fire_looked_up(self, event, handlers: list | None) -> bool:
+        """Fire ``event``, whose ``handlers`` were looked up already; True if one of them asked
+        to terminate or interrupt (ignite's `_maybe_terminate_or_interrupt` must then run)."""
+        self.last_event_name = event
+        if handlers:
+            self._call(handlers)
+        return self.should_terminate or self.should_terminate_single_epoch or \
+            self.should_interrupt
+
     @staticmethod
     def _is_done(state: State) -> bool:
         if state.max_iters is not None and state.iteration >= state.max_iters:
@@ -84,15 +93,15 @@ class TrainerEngine(Engine):
 
     def _run_once_on_dataset_as_gen(self) -> Generator[State, None, float]:
         """One epoch (ignite 0.5's loop; see the module docstring): the handler lists of the
-        four per-iteration events are looked up once (again after a removal), the flags are
-        read inline and ignite's `_maybe_terminate_or_interrupt` runs only when one is set."""
+        four per-iteration events are looked up once (again after a removal), and ignite's
+        `_maybe_terminate_or_interrupt` runs only when a handler set a stop flag."""
         if self.logger.isEnabledFor(logging.DEBUG):
             return (yield from super()._run_once_on_dataset_as_gen())
         start_time = time.time()
         iter_counter = 0 if self._init_iter is None else self._init_iter
         self._init_iter = None
         should_exit = False
-        state, call, version = self.state, self._call, None
+        state, fire, version = self.state, self._fire_looked_up, None
         try:
             if self._dataloader_iter is None:
                 raise RuntimeError("Internal error, self._dataloader_iter is None.")
@@ -105,22 +114,12 @@ class TrainerEngine(Engine):
                 try:
                     # GET_BATCH_STARTED not twice when the data iterator was just restarted
                     if self.last_event_name is not _STOP_ITERATION and \
-                            state.dataloader is not None:
-                        self.last_event_name = _GET_STARTED
-                        if get_started:
-                            call(get_started)
-                        if self.should_terminate or self.should_terminate_single_epoch or \
-                                self.should_interrupt:
-                            yield from self._maybe_terminate_or_interrupt()
+                            state.dataloader is not None and fire(_GET_STARTED, get_started):
+                        yield from self._maybe_terminate_or_interrupt()
                     state.batch = next(self._dataloader_iter)
                     state.output = None
-                    if state.dataloader is not None:
-                        self.last_event_name = _GET_COMPLETED
-                        if get_completed:
-                            call(get_completed)
-                        if self.should_terminate or self.should_terminate_single_epoch or \
-                                self.should_interrupt:
-                            yield from self._maybe_terminate_or_interrupt()
+                    if state.dataloader is not None and fire(_GET_COMPLETED, get_completed):
+                        yield from self._maybe_terminate_or_interrupt()
                     iter_counter += 1
                     should_exit = False
                 except StopIteration:
@@ -139,28 +138,18 @@ class TrainerEngine(Engine):
                                 f"{state.iteration} vs Total iterations to run : {total}",
                                 stacklevel=2)
                         break
-                    if state.dataloader is not None:
-                        self._fire_event(_STOP_ITERATION)
-                        if self.should_terminate or self.should_terminate_single_epoch or \
-                                self.should_interrupt:
-                            yield from self._maybe_terminate_or_interrupt()
+                    if state.dataloader is not None and \
+                            fire(_STOP_ITERATION, self._event_handlers.get(_STOP_ITERATION)):
+                        yield from self._maybe_terminate_or_interrupt()
                     self._setup_dataloader_iter()
                     should_exit = True
                     continue
 
                 state.iteration += 1
-                self.last_event_name = _ITER_STARTED
-                if started:
-                    call(started)
-                if self.should_terminate or self.should_terminate_single_epoch or \
-                        self.should_interrupt:
+                if fire(_ITER_STARTED, started):
                     yield from self._maybe_terminate_or_interrupt()
                 state.output = self._process_function(self, state.batch)
-                self.last_event_name = _ITER_COMPLETED
-                if completed:
-                    call(completed)
-                if self.should_terminate or self.should_terminate_single_epoch or \
-                        self.should_interrupt:
+                if fire(_ITER_COMPLETED, completed):
                     yield from self._maybe_terminate_or_interrupt()
 
                 if state.epoch_length is not None and iter_counter == state.epoch_length:
