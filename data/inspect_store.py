@@ -13,14 +13,17 @@ what the inputs would read, at one feature's cost instead of F.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from tractrain.data.format import check_streamline_index, stored_chunks
-from tractrain.data.interpolation import interpolate
 from tractrain.data.space_check import outside_count
 from tractrain.data.store import store_array
 from tractrain.errors import StoreError
+
+if TYPE_CHECKING:  # torch is imported by the checks only: a summary starts without it
+    import torch
 
 POINT_BLOCK = 2**20  # points read at once by the checks
 MAX_OUTSIDE = 0.01  # default limits of `check_subject`: shares of a subject's points
@@ -91,6 +94,8 @@ def subject_summary(store, subject: str) -> dict:
 def nonzero_mask(arr) -> tuple[torch.Tensor, int]:
     """``(mask (X, Y, Z, 1) float32: 1 where any feature is non-zero, number of NaN/inf
     values)`` of a 4-D zarr array, read one slab of chunks at a time."""
+    import torch
+
     shape = tuple(int(n) for n in arr.shape)
     mask = np.zeros(shape[:3] + (1,), dtype=np.float32)
     step, bad = max(1, int(arr.chunks[0])), 0
@@ -158,6 +163,10 @@ def check_subject(store, subject: str, max_outside: float = MAX_OUTSIDE,
 
 def _scan_points(store, subject: str, group: str, masks: dict) -> dict:
     """Counts over a streamline group's points, read `POINT_BLOCK` at a time."""
+    import torch
+
+    from tractrain.data.interpolation import interpolate
+
     info = store.streamline_info(subject, group)
     dims = [int(d) for d in info["dimensions"]]
     transforms = {}

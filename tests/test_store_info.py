@@ -120,3 +120,16 @@ def test_bad_store_path_exits_2(tmp_path):
     assert err.count("\n") == 1 and "no such store" in err
     status, _, err = store_info(tmp_path, "--check", "--max-outside", "2")
     assert status == 2 and "--max-outside: expected a share in [0, 1]" in err
+
+
+def test_summary_starts_without_torch(phantom_store):
+    """A summary (no --check) never imports torch: it answers in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tractrain.bin.store_info import main; "
+            f"status = main([{str(phantom_store.path)!r}]); "
+            "print('torch' in sys.modules, status)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.splitlines()[-1] == "False 0", done.stdout + done.stderr
