@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.flags import add_bool_flag
 
 MAX_JOBS = 1024
 
@@ -46,8 +47,9 @@ def make_parser() -> ArgumentParser:
                         "(default: the config's folder)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is a store (never anything else)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar (shown only when stderr is a terminal)")
+    add_bool_flag(parser, "--progress", "progress",
+                  help="progress bar (default: when stderr is a terminal)")
+    parser.add_argument("--quiet", action="store_true", help="same as --progress false")
     parser.add_argument("--allow-outside", action="store_true",
                         help="build even when more than 1%% of a subject's streamline points "
                         "lie outside their reference volume (config key 'allow_outside' per "
@@ -86,9 +88,11 @@ def _config(args: argparse.Namespace) -> dict:
 def build(args: argparse.Namespace) -> int:
     from tractrain.data.builder import build_store
 
+    progress = False if args.quiet else args.progress
+    if progress is None:
+        progress = sys.stderr.isatty()  # no bar in a batch job's log file
     config = _config(args)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent
-    progress = not args.quiet and sys.stderr.isatty()  # no bar in a batch job's log file
     out = build_store(config, args.out, root, force=args.force, progress=progress,
                       config_path=str(args.config), allow_outside=args.allow_outside,
                       jobs=args.jobs)

@@ -7,6 +7,7 @@ import sys
 
 from tractrain.bin.build_store import add_jobs_flag
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.flags import add_bool_flag
 
 
 def make_parser() -> ArgumentParser:
@@ -20,8 +21,8 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("out", metavar="OUT.zarr", help="output store folder")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is a store (never anything else)")
-    parser.add_argument("--progress", metavar="BOOL", default=None,
-                        help="progress bar (default: when stderr is a terminal)")
+    add_bool_flag(parser, "--progress", "progress",
+                  help="progress bar (default: when stderr is a terminal)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="import even when more than 1%% of a subject's streamline points "
                         "lie outside its volume (wrong space)")
@@ -30,11 +31,10 @@ def make_parser() -> ArgumentParser:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from tractrain.bin.options import convert as convert_option
     from tractrain.data.import_hdf5 import import_hdf5
     from tractrain.data.space_check import StreamedInsideCheck
 
-    progress = convert_option("progress", args.progress, "--progress")
+    progress = args.progress
     check = None if args.allow_outside else StreamedInsideCheck(args.hdf5)
     out = import_hdf5(args.hdf5, args.out, force=args.force, progress=progress,
                       check_points=check, jobs=args.jobs)

@@ -11,6 +11,7 @@ import json
 import sys
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.flags import add_bool_flag
 
 EXIT_CHECK_FAILED = 1
 
@@ -35,7 +36,9 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--max-zero-inputs", type=float, default=0.05, metavar="SHARE",
                         help="--check fails when a subject has more than this share of points "
                         "whose interpolated inputs are all zero (default: 0.05)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_bool_flag(parser, "--progress", "progress",
+                  help="progress bar of --check (default: when stderr is a terminal)")
+    parser.add_argument("--quiet", action="store_true", help="same as --progress false")
     return parser
 
 
@@ -106,6 +109,7 @@ def info(args: argparse.Namespace) -> int:
         if not 0 <= value <= 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: expected a share in [0, 1], "
                               f"got {value}")
+    progress = False if args.quiet else args.progress
     store = open_store(args.store, cache_bytes=0)
     head = inspect_store.store_header(store)
     doc = {**head, "subject_info": {}, "stored_bytes": 0}
@@ -113,8 +117,10 @@ def info(args: argparse.Namespace) -> int:
         print("\n".join(header_lines(head)), flush=True)
     failures: list[str] = []
     checks: dict = {}
+    # the bar of --check; by default (None) tqdm shows it only on a terminal
+    disable = True if not args.check else (None if progress is None else not progress)
     bar = tqdm(store.subjects, desc="store-info", unit="subject", file=sys.stderr,
-               disable=True if args.quiet or not args.check else None, leave=False)
+               disable=disable, leave=False)
     for subject in bar:
         bar.set_postfix_str(subject)
         try:

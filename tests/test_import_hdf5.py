@@ -280,3 +280,25 @@ def test_points_outside_the_volume_are_refused_at_import_unless_allowed(tmp_path
                         "--allow-outside")
     assert status == 0, err
     assert open_store(tmp_path / "out.zarr").subjects == SUBJECTS
+
+
+@pytest.mark.parametrize("flags, bar", [(["--progress", "true"], True), (["--quiet"], False),
+                                        ([], False), (["--progress", "no"], False)])
+def test_build_store_progress_flag(tmp_path, capsys, flags, bar):
+    """`--progress true` draws the bar even into a log file (a batch job that wants it);
+    by default it shows only on a terminal; `--quiet` is `--progress false`."""
+    lists = [a for split in ("train", "valid", "test")
+             for a in (f"--{split}-subjects", FIXTURE / f"{split}.txt")]
+    status, err = _main(build_main, capsys, FIXTURE / "config_dwiml.json", tmp_path / "o.zarr",
+                        "--root", FIXTURE / "phantom", *lists, *flags)
+    assert status == 0, err
+    assert ("build-store" in err and "subject/s" in err) is bar, err
+
+
+def test_build_store_bad_progress_value(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # refused while parsing: one usage line
+        build_main([str(FIXTURE / "config_dwiml.json"), str(tmp_path / "o.zarr"),
+                    "--progress", "maybe"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--progress: expected true or false, got 'maybe'" in err
+    assert not (tmp_path / "o.zarr").exists()

@@ -133,3 +133,14 @@ def test_summary_starts_without_torch(phantom_store):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.splitlines()[-1] == "False 0", done.stdout + done.stderr
+
+
+def test_check_progress_bar_on_request(phantom_store, one_thread):
+    """`--check --progress true` shows the bar off a terminal (a batch job's log); a bad
+    value is one line, exit 2."""
+    status, out, err = store_info(phantom_store.path, "--check", "--progress", "true")
+    assert status == 0, err
+    assert "store-info" in err and "subject/s" in err, err
+    with pytest.raises(SystemExit) as stop:
+        store_info(phantom_store.path, "--check", "--progress", "maybe")
+    assert stop.value.code == 2
