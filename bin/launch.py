@@ -72,9 +72,12 @@ def _node_check(config: dict) -> None:
                                 "(every node must see the store at the same path)")
 
 
-def torchrun_train(args: argparse.Namespace, config: dict) -> int:
-    """`tractrain.bin.train.train` on one rank of a torchrun launch."""
+def torchrun_train(args: argparse.Namespace, config: dict, given: set[str]) -> int:
+    """`tractrain.bin.train.train` on one rank of a torchrun launch; with ``--resume auto``
+    rank 0 continues a started experiment (``given``: the options set by the user, which
+    `tractrain.bin.cluster.auto_config` checks against the recorded ones)."""
     from tractrain.bin.compose import open_run_store
+    from tractrain.bin.resume import keep_config
     from tractrain.bin.train import (
         EXIT_FAILED,
         drop_if_unstarted,
@@ -86,34 +89,80 @@ def torchrun_train(args: argparse.Namespace, config: dict) -> int:
     from tractrain.experiment import ExperimentDir
 
     prepared: dict = {}
+    exp = ExperimentDir(Path(config["experiments"]) / config["name"])
 
     def prepare() -> dict:
         preflight(config)
-        if is_main():
-            exp_dir, prepared["lock"] = prepare_experiment(config, args.force)
-            print(f"experiment: {exp_dir}  (config: {ExperimentDir(exp_dir).config})",
-                  flush=True)
-            open_run_store(config)  # the demo store, built before the other ranks open it
-        return config
-
-    exp = ExperimentDir(Path(config["experiments"]) / config["name"])
+        if not is_main():
+            return {"config": config, "continue": None}
+        if args.resume == "auto" and is_started(exp):
+            prepared.update(prepare_continue(config, given, exp))
+            return {"config": config, "continue": (prepared["config"],
+                                                   prepared["from_scratch"])}
+        exp_dir, prepared["lock"] = prepare_experiment(config, args.force)
+        print(f"experiment: {exp_dir}  (config: {ExperimentDir(exp_dir).config})", flush=True)
+        open_run_store(config)  # the demo store, built before the other ranks open it
+        return {"config": config, "continue": None}
 
     def body() -> int:
         status = EXIT_FAILED
         try:
-            _same_options(agree(prepare))
-            status = train_to_end(config, exp.root, resume=False, debug=args.debug,
-                                  prog="tractrain-train")
+            outcomes = agree(prepare)
+            _same_options([outcome["config"] for outcome in outcomes])
+            if outcomes[0]["continue"] is None:
+                status = train_to_end(config, exp.root, resume=False, debug=args.debug,
+                                      prog="tractrain-train")
+                return status
+            recorded, from_scratch = outcomes[0]["continue"]
+            agree(lambda: None if is_main() else _node_check(recorded))
+            status = train_to_end(recorded, exp.root, resume=not from_scratch,
+                                  debug=args.debug, prog="tractrain-train")
             return status
         finally:
             lock = prepared.get("lock")
             if lock is not None:
                 with lock:
-                    if status != 0:
+                    if "before" in prepared:  # continued: record its config once it saved
+                        keep_config(exp, prepared["config"], prepared["before"])
+                    elif status != 0:
                         drop_if_unstarted(exp, lock)
 
     with process_group(_backend(config["device"]), config["dist_timeout"]):
         return _as_rank(body, "tractrain-train", args.debug)
+
+
+def is_started(exp) -> bool:
+    """True if ``exp`` is an experiment that ``--resume auto`` continues (its config is
+    there and its run got past the start; not a symbolic link)."""
+    from tractrain.experiment import is_unstarted
+
+    return not exp.root.is_symlink() and exp.config.is_file() and not is_unstarted(exp.root)
+
+
+def prepare_continue(config: dict, given: set[str], exp) -> dict:
+    """Rank 0 of ``--resume auto`` on a started experiment: ``{"config", "from_scratch",
+    "before", "lock"}``: the recorded config with this command's allowed changes, under the
+    experiment's writer lock (held until released), after the checks."""
+    from tractrain.bin.cluster import auto_config
+    from tractrain.bin.options import absolute_paths
+    from tractrain.bin.resume import checkpoint_stamp
+    from tractrain.bin.train import writer_lock
+    from tractrain.experiment import is_unstarted, read_config
+    from tractrain.hooks.checkpoint import read_meta
+
+    lock = writer_lock(exp)
+    try:  # an older config.json may hold relative paths: this command runs where it was run
+        recorded = auto_config(absolute_paths(read_config(exp.root)), config, given,
+                               str(exp.config))
+        from_scratch = is_unstarted(exp.root)
+        if not from_scratch:
+            read_meta(exp.root)  # a clear error now if there is no usable checkpoint
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    print(f"experiment: {exp.root}  (exists: continuing it, --resume auto)", flush=True)
+    return {"config": recorded, "from_scratch": from_scratch, "before": checkpoint_stamp(exp),
+            "lock": lock}
 
 
 def _recorded(args: argparse.Namespace) -> dict:

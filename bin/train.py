@@ -205,19 +205,19 @@ def train(args: argparse.Namespace) -> int:
         config["cache_dir"] = str(demo_cache(config))
     if args.force and args.resume == "auto":
         raise ConfigError("--force and --resume auto: choose one (start over, or continue)")
+    from tractrain.bin.launch import is_started
     from tractrain.engine.distributed import launched_by_torchrun
 
+    given = set(file_options) | {k for k, v in vars(args).items()
+                                 if v is not None and k in OPTIONS}
     if launched_by_torchrun():  # the ranks meet first, then rank 0 prepares the folder
         from tractrain.bin.launch import torchrun_train
 
-        return torchrun_train(args, config)
+        return torchrun_train(args, config, given)
     preflight(config)
     if args.resume == "auto":
         exp_dir = Path(config["experiments"]) / config["name"]
-        if not exp_dir.is_symlink() and ExperimentDir(exp_dir).config.is_file() \
-                and not is_unstarted(exp_dir):
-            given = set(file_options) | {k for k, v in vars(args).items()
-                                         if v is not None and k in OPTIONS}
+        if is_started(ExperimentDir(exp_dir)):
             return continue_auto(config, given, exp_dir, args.debug)
     exp_dir, lock = prepare_experiment(config, args.force)
     exp = ExperimentDir(exp_dir)
@@ -236,22 +236,18 @@ def train(args: argparse.Namespace) -> int:
 def continue_auto(config: dict, given: set[str], exp_dir: Path, debug: bool) -> int:
     """``--resume auto`` on a started experiment: continue it like tractrain-resume, with the
     recorded config and this command's allowed changes (`tractrain.bin.cluster.auto_config`)."""
-    from tractrain.bin.cluster import auto_config
-    from tractrain.bin.resume import continue_run
-    from tractrain.experiment import read_config
-    from tractrain.hooks.checkpoint import read_meta
+    from tractrain.bin.launch import prepare_continue
+    from tractrain.bin.resume import keep_config
 
     exp = ExperimentDir(exp_dir)
-    with writer_lock(exp):
-        # an older config.json may hold relative paths: this command runs where it was run
-        config = auto_config(absolute_paths(read_config(exp_dir)), config, given,
-                             str(exp.config))
-        from_scratch = is_unstarted(exp_dir)
-        if not from_scratch:
-            read_meta(exp_dir)  # a clear error now if there is no usable checkpoint
-        print(f"experiment: {exp_dir}  (exists: continuing it, --resume auto)", flush=True)
-        return continue_run(config, exp, from_scratch=from_scratch, debug=debug,
-                            prog="tractrain-train")
+    prepared = prepare_continue(config, given, exp)
+    with prepared["lock"]:
+        try:
+            return train_to_end(prepared["config"], exp.root,
+                                resume=not prepared["from_scratch"], debug=debug,
+                                prog="tractrain-train")
+        finally:
+            keep_config(exp, prepared["config"], prepared["before"])
 
 
 def main(argv: list[str] | None = None) -> int:

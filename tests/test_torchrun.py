@@ -184,3 +184,29 @@ def test_without_a_shared_experiments_folder_rank_zero_sends_what_a_resume_needs
     state = torch.load(tmp_path / "home0" / "exps" / "run" / "checkpoint" / "state.pt",
                        weights_only=True)
     assert state["position"]["epoch"] == 2
+
+
+def test_resume_auto_under_torchrun_continues_a_stopped_run(phantom_store, tmp_path):
+    """The one sbatch command re-run after a stop (SIGTERM, requeue): rank 0 finds the
+    started experiment and every rank continues it from its checkpoint."""
+    exps = tmp_path / "shared"
+    command = ["--standalone", "--nproc-per-node", "2", "-m", "tractrain.bin.train"]
+    argv = args(phantom_store.path, exps, "--resume", "auto", "--log-every", "1")
+    mark = tmp_path / "mark"
+    first = launch(command, argv, tmp_path / "home", SIGNAL_TEST_MARK=str(mark),
+                   SIGNAL_TEST_AT=str(STOP_AT))
+    wait_for(mark, first, timeout=180)
+    first.send_signal(signal.SIGTERM)
+    Path(str(mark) + ".sent").touch()
+    code, err = finish(first)
+    assert code != 0 and f"stopped at epoch 2, iteration {STOP_AT}" in err, err
+
+    again = launch(command, argv, tmp_path / "home")
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err
+    assert "exists: continuing it, --resume auto" in out, out + err
+    state = torch.load(exps / "run" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["position"]["epoch"] == 2 and state["rng"]["world_size"] == 2
+    rows = (exps / "run" / "logs" / "iterations.csv").read_text().splitlines()[1:]
+    iterations = [int(row.split(",")[0]) for row in rows]
+    assert iterations == list(range(1, iterations[-1] + 1)), rows  # continued: each once
