@@ -26,6 +26,7 @@ from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, check_name, has_checkpoint, is_unstarted
 
 EXIT_FAILED = 1
+STOP_STATUSES = (130, 138, 143)  # 128 + SIGINT, SIGUSR1, SIGTERM: a stop with its checkpoint
 
 
 def make_parser() -> ArgumentParser:
@@ -131,7 +132,9 @@ def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool) -> Non
     with configure():  # a spawned rank starts without the launcher's logging set-up
         trainer = run_training(config, Path(exp_dir), resume=resume)
     if is_main():
-        finish(trainer, Path(exp_dir), config)
+        status = finish(trainer, Path(exp_dir), config)
+        if status:  # stopped by a signal (not requeued): the launcher exits with it
+            sys.exit(status)
 
 
 def signal_status(trainer) -> int:
@@ -151,6 +154,8 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
     already joined (a torchrun rank, `tractrain.bin.launch`) this process is one rank: it
     trains and rank 0 prints the summary.
     """
+    from torch.multiprocessing import ProcessExitedException
+
     from tractrain.bin.compose import open_run_store, resolve_device, run_training
     from tractrain.engine.distributed import (
         DEFAULT_TIMEOUT_S,
@@ -165,8 +170,13 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
     if nproc > 1 and not is_distributed():
         open_run_store(config)  # build and cache the demo store before the ranks start
         backend = default_backend(resolve_device(config["device"]))
-        run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume),
-                        timeout_s=float(config.get("dist_timeout") or DEFAULT_TIMEOUT_S))
+        try:
+            run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume),
+                            timeout_s=float(config.get("dist_timeout") or DEFAULT_TIMEOUT_S))
+        except ProcessExitedException as err:  # rank 0 stopped by a signal: its status
+            if err.error_index == 0 and err.exit_code in STOP_STATUSES:
+                return err.exit_code
+            raise
         return 0
     try:
         trainer = run_training(config, exp_dir, resume=resume)

@@ -123,8 +123,39 @@ def run_distributed(
         spawn["init_method"] = init_method
     else:
         spawn["master_port"] = free_port()
-    with idist.Parallel(backend=backend, **spawn) as parallel:
+    with idist.Parallel(backend=backend, **spawn) as parallel, forward_signals():
         parallel.run(fn, *args, **kwargs)
+
+
+FORWARDED = ("SIGTERM", "SIGUSR1")  # SIGINT: a terminal's Ctrl-C reaches every process
+
+
+@contextlib.contextmanager
+def forward_signals(names: Sequence[str] = FORWARDED) -> Iterator[None]:
+    """While the ``with`` block waits for spawned ranks: a SIGTERM or SIGUSR1 sent to this
+    launcher alone (``kill <pid>``) is passed on to them, instead of killing it and leaving
+    them to stop without it; each rank checkpoints and stops as if signalled itself (one
+    received twice, also directly, is harmless). Main thread only."""
+    import multiprocessing
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    sigs = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    previous = {sig: signal.signal(sig, forward) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ resumed run ends bit-identical to an uninterrupted one; a worker killed by SIGKI
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,3 +128,22 @@ def test_killed_worker_is_one_line(phantom_store, tmp_path):
     assert len(lines) == 1, err
     assert f"DataLoader worker (pid {victim}) is killed by signal: Killed" in lines[0], err
     assert "tractrain-resume" in lines[0] and "--num-workers" in lines[0]
+
+
+@pytest.mark.parametrize("sig, status", [("SIGTERM", 143)])  # SIGUSR1 (138): the same path
+def test_signal_to_the_launcher_alone_reaches_every_rank(phantom_store, tmp_path, sig, status):
+    """``kill <pid>`` of a ``--nproc-per-node 2`` launcher (not its group): the launcher passes
+    the signal on, every rank stops at the same iteration with a checkpoint, and the launcher
+    exits with rank 0's status (128 + the signal)."""
+    mark, exp = tmp_path / "mark", tmp_path / "exps" / "run"
+    proc = start(["tractrain.bin.train", *args(phantom_store.path, tmp_path / "exps", 0),
+                  "--nproc-per-node", "2"], SIGNAL_TEST_MARK=str(mark), SIGNAL_TEST_AT="5")
+    wait_for(mark, proc, timeout=120)
+    os.kill(proc.pid, getattr(signal, sig))  # the launcher only
+    Path(str(mark) + ".sent").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    assert err.count(f"{sig} received") == 2, err  # each rank, once
+    assert "Traceback" not in err, err
+    meta = json.loads((exp / "checkpoint" / "meta.json").read_text())
+    assert (meta["epoch"], meta["iteration"]) == (2, 5), meta  # mid-epoch 2, agreed
