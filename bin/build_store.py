@@ -49,7 +49,8 @@ def make_parser() -> ArgumentParser:
                         help="replace OUT if it is a store (never anything else)")
     add_bool_flag(parser, "--progress", "progress",
                   help="progress bar (default: when stderr is a terminal)")
-    parser.add_argument("--quiet", action="store_true", help="same as --progress false")
+    parser.add_argument("--quiet", dest="progress", action="store_const", const=False,
+                        help="same as --progress false")
     parser.add_argument("--allow-outside", action="store_true",
                         help="build even when more than 1%% of a subject's streamline points "
                         "lie outside their reference volume (config key 'allow_outside' per "
@@ -88,12 +89,9 @@ def _config(args: argparse.Namespace) -> dict:
 def build(args: argparse.Namespace) -> int:
     from tractrain.data.builder import build_store
 
-    progress = False if args.quiet else args.progress
-    if progress is None:
-        progress = sys.stderr.isatty()  # no bar in a batch job's log file
     config = _config(args)
     root = Path(args.root) if args.root else Path(args.config).resolve().parent
-    out = build_store(config, args.out, root, force=args.force, progress=progress,
+    out = build_store(config, args.out, root, force=args.force, progress=args.progress,
                       config_path=str(args.config), allow_outside=args.allow_outside,
                       jobs=args.jobs)
     print(f"store written: {out}")

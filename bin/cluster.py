@@ -30,6 +30,8 @@ SCONTROL_TIMEOUT_S = 60
 # options a continued run may change (run-time ones that change no result: the README lists
 # them); any other recorded option given with another value is refused
 AUTO_OVERRIDES = (*RESUME_OVERRIDES, "cache_dir", "experiments", "requeue", "keep_checkpoints")
+# exit statuses of a run stopped by a signal (its checkpoint written): 130, 138, 143
+STOP_STATUSES = tuple(128 + int(s) for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM))
 
 
 def signal_status(name: str) -> int:
@@ -97,3 +99,36 @@ def auto_config(recorded: dict, wanted: dict, given: set[str], where: str) -> di
 def _shown(value: object) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_started(exp) -> bool:
+    """True if ``exp`` is an experiment that ``--resume auto`` continues (its config is
+    there and its run got past the start; not a symbolic link)."""
+    from tractrain.experiment import is_unstarted
+
+    return not exp.root.is_symlink() and exp.config.is_file() and not is_unstarted(exp.root)
+
+
+def prepare_continue(config: dict, given: set[str], exp) -> dict:
+    """Rank 0 of ``--resume auto`` on a started experiment: ``{"config", "from_scratch",
+    "before", "lock"}``: the recorded config with this command's allowed changes, under the
+    experiment's writer lock (held until released), after the checks."""
+    from tractrain.bin.options import absolute_paths
+    from tractrain.bin.resume import checkpoint_stamp
+    from tractrain.bin.train import writer_lock
+    from tractrain.experiment import is_unstarted, read_config
+    from tractrain.hooks.checkpoint import read_meta
+
+    lock = writer_lock(exp)
+    try:  # an older config.json may hold relative paths: this command runs where it was run
+        recorded = auto_config(absolute_paths(read_config(exp.root)), config, given,
+                               str(exp.config))
+        from_scratch = is_unstarted(exp.root)
+        if not from_scratch:
+            read_meta(exp.root)  # a clear error now if there is no usable checkpoint
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    print(f"experiment: {exp.root}  (exists: continuing it, --resume auto)", flush=True)
+    return {"config": recorded, "from_scratch": from_scratch, "before": checkpoint_stamp(exp),
+            "lock": lock}

@@ -34,9 +34,8 @@ def convert(args: argparse.Namespace) -> int:
     from tractrain.data.import_hdf5 import import_hdf5
     from tractrain.data.space_check import StreamedInsideCheck
 
-    progress = args.progress
     check = None if args.allow_outside else StreamedInsideCheck(args.hdf5)
-    out = import_hdf5(args.hdf5, args.out, force=args.force, progress=progress,
+    out = import_hdf5(args.hdf5, args.out, force=args.force, progress=args.progress,
                       check_points=check, jobs=args.jobs)
     print(f"store written: {out}")
     return 0

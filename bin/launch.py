@@ -76,6 +76,7 @@ def torchrun_train(args: argparse.Namespace, config: dict, given: set[str]) -> i
     """`tractrain.bin.train.train` on one rank of a torchrun launch; with ``--resume auto``
     rank 0 continues a started experiment (``given``: the options set by the user, which
     `tractrain.bin.cluster.auto_config` checks against the recorded ones)."""
+    from tractrain.bin.cluster import is_started, prepare_continue
     from tractrain.bin.compose import open_run_store
     from tractrain.bin.resume import keep_config
     from tractrain.bin.train import (
@@ -129,40 +130,6 @@ def torchrun_train(args: argparse.Namespace, config: dict, given: set[str]) -> i
 
     with process_group(_backend(config["device"]), config["dist_timeout"]):
         return _as_rank(body, "tractrain-train", args.debug)
-
-
-def is_started(exp) -> bool:
-    """True if ``exp`` is an experiment that ``--resume auto`` continues (its config is
-    there and its run got past the start; not a symbolic link)."""
-    from tractrain.experiment import is_unstarted
-
-    return not exp.root.is_symlink() and exp.config.is_file() and not is_unstarted(exp.root)
-
-
-def prepare_continue(config: dict, given: set[str], exp) -> dict:
-    """Rank 0 of ``--resume auto`` on a started experiment: ``{"config", "from_scratch",
-    "before", "lock"}``: the recorded config with this command's allowed changes, under the
-    experiment's writer lock (held until released), after the checks."""
-    from tractrain.bin.cluster import auto_config
-    from tractrain.bin.options import absolute_paths
-    from tractrain.bin.resume import checkpoint_stamp
-    from tractrain.bin.train import writer_lock
-    from tractrain.experiment import is_unstarted, read_config
-    from tractrain.hooks.checkpoint import read_meta
-
-    lock = writer_lock(exp)
-    try:  # an older config.json may hold relative paths: this command runs where it was run
-        recorded = auto_config(absolute_paths(read_config(exp.root)), config, given,
-                               str(exp.config))
-        from_scratch = is_unstarted(exp.root)
-        if not from_scratch:
-            read_meta(exp.root)  # a clear error now if there is no usable checkpoint
-    except BaseException:
-        lock.__exit__(None, None, None)
-        raise
-    print(f"experiment: {exp.root}  (exists: continuing it, --resume auto)", flush=True)
-    return {"config": recorded, "from_scratch": from_scratch, "before": checkpoint_stamp(exp),
-            "lock": lock}
 
 
 def _recorded(args: argparse.Namespace) -> dict:

@@ -38,7 +38,8 @@ def make_parser() -> ArgumentParser:
                         "whose interpolated inputs are all zero (default: 0.05)")
     add_bool_flag(parser, "--progress", "progress",
                   help="progress bar of --check (default: when stderr is a terminal)")
-    parser.add_argument("--quiet", action="store_true", help="same as --progress false")
+    parser.add_argument("--quiet", dest="progress", action="store_const", const=False,
+                        help="same as --progress false")
     return parser
 
 
@@ -109,7 +110,6 @@ def info(args: argparse.Namespace) -> int:
         if not 0 <= value <= 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: expected a share in [0, 1], "
                               f"got {value}")
-    progress = False if args.quiet else args.progress
     store = open_store(args.store, cache_bytes=0)
     head = inspect_store.store_header(store)
     doc = {**head, "subject_info": {}, "stored_bytes": 0}
@@ -118,7 +118,7 @@ def info(args: argparse.Namespace) -> int:
     failures: list[str] = []
     checks: dict = {}
     # the bar of --check; by default (None) tqdm shows it only on a terminal
-    disable = True if not args.check else (None if progress is None else not progress)
+    disable = True if not args.check else (None if args.progress is None else not args.progress)
     bar = tqdm(store.subjects, desc="store-info", unit="subject", file=sys.stderr,
                disable=disable, leave=False)
     for subject in bar:

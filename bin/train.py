@@ -26,7 +26,6 @@ from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, check_name, has_checkpoint, is_unstarted
 
 EXIT_FAILED = 1
-STOP_STATUSES = (130, 138, 143)  # 128 + SIGINT, SIGUSR1, SIGTERM: a stop with its checkpoint
 
 
 def make_parser() -> ArgumentParser:
@@ -174,6 +173,8 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
             run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume),
                             timeout_s=float(config.get("dist_timeout") or DEFAULT_TIMEOUT_S))
         except ProcessExitedException as err:  # rank 0 stopped by a signal: its status
+            from tractrain.bin.cluster import STOP_STATUSES
+
             if err.error_index == 0 and err.exit_code in STOP_STATUSES:
                 return err.exit_code
             raise
@@ -215,7 +216,7 @@ def train(args: argparse.Namespace) -> int:
         config["cache_dir"] = str(demo_cache(config))
     if args.force and args.resume == "auto":
         raise ConfigError("--force and --resume auto: choose one (start over, or continue)")
-    from tractrain.bin.launch import is_started
+    from tractrain.bin.cluster import is_started
     from tractrain.engine.distributed import launched_by_torchrun
 
     given = set(file_options) | {k for k, v in vars(args).items()
@@ -246,7 +247,7 @@ def train(args: argparse.Namespace) -> int:
 def continue_auto(config: dict, given: set[str], exp_dir: Path, debug: bool) -> int:
     """``--resume auto`` on a started experiment: continue it like tractrain-resume, with the
     recorded config and this command's allowed changes (`tractrain.bin.cluster.auto_config`)."""
-    from tractrain.bin.launch import prepare_continue
+    from tractrain.bin.cluster import prepare_continue
     from tractrain.bin.resume import keep_config
 
     exp = ExperimentDir(exp_dir)

@@ -351,7 +351,7 @@ def build_store(
     out: str | os.PathLike,
     root: str | os.PathLike,
     force: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
     config_path: str | None = None,
     allow_outside: bool = False,
     jobs: int | None = 1,
@@ -363,6 +363,7 @@ def build_store(
     volume (more than 1 %) is refused unless ``allow_outside`` (or the group's
     ``allow_outside`` key; `tractrain.data.space_check`). ``jobs``: subjects built in
     parallel processes (None: one per core, capped by memory; `tractrain.data.parallel_build`).
+    ``progress``: a bar per subject (None: when stderr is a terminal).
     """
     where = config_path or "config"
     config = validate_config(json.loads(json.dumps(config)), where)

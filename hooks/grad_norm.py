@@ -19,11 +19,7 @@ class GradNorm:
     KEYS = ("grad_norm", "unclipped_grad_norm")
 
     def __init__(self) -> None:
-        self._reset({k: [] for k in self.KEYS})
-
-    def _reset(self, values: dict[str, list]) -> None:
-        self.batch_values = values
-        self._lists = tuple(values[k] for k in self.KEYS)  # what `_collect` appends to
+        self.batch_values: dict[str, list] = {k: [] for k in self.KEYS}
 
     def attach(self, trainer: Engine) -> GradNorm:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
@@ -35,9 +31,9 @@ class GradNorm:
         if not isinstance(output, dict) or output.get("skipped"):
             return
         # as given (floats, or `TrainStep`'s detached tensors: read once per epoch)
-        grad_norm, unclipped = self._lists
-        grad_norm.append(output["grad_norm"])
-        unclipped.append(output["unclipped_grad_norm"])
+        values = self.batch_values
+        values["grad_norm"].append(output["grad_norm"])
+        values["unclipped_grad_norm"].append(output["unclipped_grad_norm"])
 
     def _to_floats(self) -> None:
         """Make every kept value a float: those on a device read with one transfer per metric."""
@@ -56,12 +52,12 @@ class GradNorm:
             trainer.state.metrics[key] = math.fsum(values) / len(values) if values else math.nan
         values = [v for v in self.batch_values["unclipped_grad_norm"] if math.isfinite(v)]
         trainer.state.metrics["unclipped_grad_norm_max"] = max(values) if values else math.nan
-        self._reset({k: [] for k in self.KEYS})
+        self.batch_values = {k: [] for k in self.KEYS}
 
     def state_dict(self) -> dict:
         self._to_floats()
         return {"batch_values": {k: list(v) for k, v in self.batch_values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self._reset({k: [float(x) for x in state["batch_values"].get(k, [])]
-                     for k in self.KEYS})
+        self.batch_values = {k: [float(x) for x in state["batch_values"].get(k, [])]
+                             for k in self.KEYS}

@@ -93,48 +93,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
     process); mirrors that can be rebuilt from a checkpoint may skip it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write_file(tmp, data, path.name, durable=durable)
-        fault_point(f"replace:{path.name}")
-        os.replace(tmp, path)
-        if durable:
-            fsync_path(path.parent)
-    except OSError as err:
-        raise _named(err, path) from err
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_files(path.parent, {path.name: data}, durable=durable)
 
 
 def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes],
                        durable: bool = True) -> None:
     """Replace the files ``{name: data}`` of ``folder`` together: each is written to a
-    temporary beside it, then all are renamed into place and the folder is flushed once.
+    temporary beside it, then all are renamed into place.
 
     A failed write (disk full, I/O error) replaces none of them: the temporaries are removed
     and the `OSError` names the file. ``durable`` (as in `atomic_write_bytes`) also fsyncs
-    each file and the folder.
+    each file and, once, the folder.
     """
     folder = os.fspath(folder)
     pid = os.getpid()
-    moves = []
+    moves = [(os.path.join(folder, f".{name}.tmp-{pid}"), os.path.join(folder, name), name,
+              data) for name, data in files.items()]
+    pending: list[str] = []  # temporaries written and not yet renamed
+    current = folder  # what an error names
     try:
-        for name, data in files.items():
-            path = os.path.join(folder, name)
-            tmp = os.path.join(folder, f".{name}.tmp-{pid}")
-            moves.append((tmp, path))
+        for tmp, path, name, data in moves:
+            current = path
+            pending.append(tmp)
             write_file(tmp, data, name, durable=durable)
             fault_point(f"replace:{name}")
+        for tmp, path, _, _ in moves:
+            current = path
+            os.replace(tmp, path)
+            pending.remove(tmp)
+        if durable:
+            fsync_path(folder)
     except OSError as err:
-        for tmp, _ in moves:
+        raise _named(err, Path(current)) from err
+    finally:
+        for tmp in pending:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        raise _named(err, Path(path)) from err
-    for tmp, path in moves:
-        os.replace(tmp, path)
-    if durable:
-        fsync_path(folder)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
