@@ -258,7 +258,7 @@ class TrainStep:
             if self.amp:
                 self.mean.amp_skipped = self.mean.amp_skipped + (~torch.isfinite(norm)).long()
             return loss, norm, None
-        value, norm_value = float(loss), float(norm)  # one host read each, reused below
+        value, norm_value = loss.item(), norm.item()  # one host read each, reused below
         bad_loss, bad_norm = not math.isfinite(value), not math.isfinite(norm_value)
         bad = bad_loss or (bad_norm and not self.amp)  # the scaler owns overflowed gradients
         if self._distributed is None:

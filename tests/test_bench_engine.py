@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "engine.py"
-ROW = re.compile(r"^\| (?P<model>[^|]+) \| (?P<who>hand loop|tractrain) \| (?P<iters>\d+) \| "
+ROW = re.compile(r"^\| (?P<model>[^|]+) \| (?P<who>hand loop|hand \+ epoch writes|tractrain) \| "
+                 r"(?P<iters>\d+) \| "
                  r"(?P<secs>[0-9.e+-]+) \|(?P<overhead>[^|]*)\| "
                  r"(?P<cpu>[0-9.e+-]+) \|(?P<cpu_overhead>[^|]*)\|(?P<verdict>[^|]*)\|$")
 # what each model's verdict judges: the demo GRU's wall time within 5 %, the tiny Linear
@@ -21,17 +22,19 @@ def test_quick_benchmark_prints_table_and_equal_weights():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [m for m in map(ROW.match, done.stdout.splitlines()) if m]
-    # two models x two contenders, each with a positive time per iteration
+    # two models x three contenders (the hand loop, the same loop plus tractrain's epoch-end
+    # writes, tractrain), each with a positive time per iteration
     assert [(m["model"], m["who"]) for m in rows] == [
         (model, who) for model in ("demo GRU (h=64)", "Linear")
-        for who in ("hand loop", "tractrain")
+        for who in ("hand loop", "hand + epoch writes", "tractrain")
     ]
     assert all(float(m["secs"]) > 0 for m in rows)
     assert {int(m["iters"]) for m in rows} == {8 * 2}  # quick: 8 batches/epoch x 2 epochs
-    for hand, tt in zip(rows[::2], rows[1::2], strict=True):
-        overhead = float(tt["overhead"])  # the printed % matches the printed times
-        expected = (float(tt["secs"]) / float(hand["secs"]) - 1) * 100
-        assert abs(overhead - expected) < 0.1 + 0.01 * abs(expected)
+    for hand, floor, tt in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        for other in (floor, tt):  # the printed % matches the printed times
+            expected = (float(other["secs"]) / float(hand["secs"]) - 1) * 100
+            assert abs(float(other["overhead"]) - expected) < 0.1 + 0.01 * abs(expected)
+        assert floor["verdict"].strip() == ""  # only tractrain is judged
         column, on, limit = TARGETS[tt["model"]]
         word = "PASS" if float(tt[column]) <= limit else "MISS"
         assert tt["verdict"].strip() == f"{word} ({on} <= {limit:.0f}%)"

@@ -134,6 +134,8 @@ def test_two_process_training_and_resume_from_the_command_line(base, tmp_path):
     first = cli("train", *base, "--name", "ddp", "--max-epochs", "1", "--nproc-per-node", "2")
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("best model:") == 1  # rank 0 reports, once
+    # the launcher's log is tractrain's: not ignite's spawn parameters, at INFO, on stderr
+    assert "ignite.distributed" not in first.stderr, first.stderr
     resumed = cli("resume", exp, "--max-epochs", "2")
     assert resumed.returncode == 0, resumed.stderr
     logs = read_logs(exp)
