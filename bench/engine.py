@@ -27,9 +27,10 @@ computed the same thing.
 Printed: a Markdown table (median wall and process-CPU s/iter and their overheads over the
 hand loop; the verdict judges tractrain: the demo GRU's wall time against 5 % and the Linear
 model's CPU time, steadier on a busy machine, against 10 %), per model the spread of the
-per-repeat overheads, tractrain's own epoch-end write time and its overhead over the
-"hand + epoch writes" floor, then one ``weights equal:`` line per model. Exit status 1 if the
-contenders' weights or losses differ.
+per-repeat overheads (for CPU time with a 95 % bootstrap interval of their median: when it
+straddles the target, this machine's noise decides the verdict), tractrain's own epoch-end
+write time and its overhead over the "hand + epoch writes" floor, then one ``weights equal:``
+line per model. Exit status 1 if the contenders' weights or losses differ.
 
 Run: ``.venv/bin/python bench/engine.py [--quick] [--device cpu|cuda] ...`` (``--help``).
 """
@@ -355,6 +356,18 @@ def bench_case(case: Case, batches: list[Batch], args) -> dict:
             "batches_per_epoch": len(batches), "checks": checks, "repeats": repeats}
 
 
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000
+                    ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (a fixed seed: the same
+    values give the same interval)."""
+    rng = np.random.default_rng(0)
+    samples = rng.choice(np.asarray(values), size=(resamples, len(values)), replace=True)
+    medians = np.median(samples, axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def report(results: dict[str, dict]) -> bool:
     """Print the Markdown table, the overhead breakdown and the weight checks; True if both
     contenders ended with equal weights and epoch losses for every model and repeat."""
@@ -385,13 +398,18 @@ def report(results: dict[str, dict]) -> bool:
               f"{overhead * 100:+.1f} | {cpu_tt:.3e} | {cpu_overhead * 100:+.1f} | {verdict} |")
         paired = [(b / a - 1) * 100 for a, b in zip(res["times"]["hand loop"],
                                                      res["times"]["tractrain"], strict=True)]
+        paired_cpu = [(b / a - 1) * 100 for a, b in zip(res["cpu"]["hand loop"],
+                                                        res["cpu"]["tractrain"], strict=True)]
+        low, high = median_interval(paired_cpu)
         io = statistics.median(wall for wall, _ in res["io_per_epoch"])
         io_cpu = statistics.median(cpu for _, cpu in res["io_per_epoch"])
         best = min(res["times"]["tractrain"]) / min(res["times"]["hand loop"]) - 1
         notes.append(
             f"{model_name}: per-repeat overhead % min {min(paired):+.1f}, median "
             f"{statistics.median(paired):+.1f}, max {max(paired):+.1f}, best-of-"
-            f"{len(paired)} {best * 100:+.1f}; tractrain's epoch-end file writes (BestModel + "
+            f"{len(paired)} {best * 100:+.1f}; per-repeat CPU overhead % median "
+            f"{statistics.median(paired_cpu):+.1f} (95 % bootstrap interval {low:+.1f} to "
+            f"{high:+.1f}); tractrain's epoch-end file writes (BestModel + "
             f"NpyLogs, fsynced) take {io * 1e3:.1f} ms/epoch ({io_cpu * 1e3:.1f} ms CPU); the "
             f"same writes added to the hand loop cost {cpu_floor * 100:+.1f} % CPU at "
             f"{res['batches_per_epoch']} batches/epoch (the floor of any engine that saves "

@@ -38,7 +38,13 @@ def test_quick_benchmark_prints_table_and_equal_weights():
         column, on, limit = TARGETS[tt["model"]]
         word = "PASS" if float(tt[column]) <= limit else "MISS"
         assert tt["verdict"].strip() == f"{word} ({on} <= {limit:.0f}%)"
-    # both contenders computed the same thing: the script checks it and says so
+    # the median of the per-repeat CPU overheads lies in its printed bootstrap interval
+    intervals = re.findall(r"CPU overhead % median ([+-][0-9.]+) \(95 % bootstrap interval "
+                           r"([+-][0-9.]+) to ([+-][0-9.]+)\)", done.stdout)
+    assert len(intervals) == 2, done.stdout
+    for median, low, high in intervals:
+        assert float(low) <= float(median) <= float(high)
+    # every contender computed the same thing: the script checks it and says so
     for model in ("demo GRU (h=64)", "Linear"):
         assert re.search(rf"^weights equal: {re.escape(model)}: (identical|allclose) in 3 "
                          r"repeats .*epoch losses equal\)$", done.stdout, re.MULTILINE), \
