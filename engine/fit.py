@@ -175,10 +175,11 @@ def train_and_validate(
     if resume:
         restore(checkpoint, net, renamed={f"producer_{i}": n for i, n in enumerate(names)})
         done = position.epochs_done
-        if done >= max_epochs and position.start == 0:
+        if done >= max_epochs:  # past the limit, even inside the next epoch
+            part = f" and {position.start} batches of epoch {done + 1}" if position.start else ""
             raise CheckpointError(
-                f"{exp_dir}: already trained {done} epochs (max_epochs {max_epochs}); "
-                "raise max_epochs to continue"
+                f"{exp_dir}: already trained {done} epochs{part} (max_epochs {max_epochs}); "
+                f"raise max_epochs above {done} to continue"
             )
         if stopper.exhausted:
             raise CheckpointError(

@@ -8,7 +8,7 @@ and no flag is set. The loop below is ignite 0.5's ``_run_once_on_dataset_as_gen
 same events, in the same order, with the same counters, termination, interruption and error
 handling (``tests/test_engine_loop.py`` replays ignite's own loop against it); only the
 per-iteration bookkeeping is cheaper. A DEBUG logger on the engine restores ignite's dispatch
-exactly (with its messages).
+exactly (with its messages). One fix: an epoch resumed after its last batch ends at once.
 """
 
 from __future__ import annotations
@@ -94,7 +94,15 @@ class TrainerEngine(Engine):
     def _run_once_on_dataset_as_gen(self) -> Generator[State, None, float]:
         """One epoch (ignite 0.5's loop; see the module docstring): the handler lists of the
         four per-iteration events are looked up once (again after a removal), and ignite's
-        `_maybe_terminate_or_interrupt` runs only when a handler set a stop flag."""
+        `_maybe_terminate_or_interrupt` runs only when a handler set a stop flag.
+
+        One deliberate difference: an epoch resumed after its last batch (a checkpoint saved
+        before the epoch's end ran) ends at once; ignite would restart the data iterator and
+        never end that epoch."""
+        if self._init_iter is not None and self.state.epoch_length is not None and \
+                self._init_iter >= self.state.epoch_length:
+            self._init_iter = None
+            return 0.0
         if self.logger.isEnabledFor(logging.DEBUG):
             return (yield from super()._run_once_on_dataset_as_gen())
         start_time = time.time()

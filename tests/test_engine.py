@@ -3,6 +3,7 @@ checkpoints, refusal of bad checkpoints, NaN policy, signals."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -164,6 +165,22 @@ def test_finished_run_refuses_to_continue_unless_extended(tmp_path):
     assert len(read_logs(exp)["train_loss"]) == 3
 
 
+def test_a_run_stopped_inside_an_epoch_refuses_a_limit_it_passed(tmp_path):
+    """A checkpoint inside epoch N+1 with max_epochs N: one clear error, nothing changed."""
+    exp = tmp_path / "exp"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(exp, 6, checkpoint_every=2, crash_at=25)
+    position = json.loads((exp / "checkpoint" / "meta.json").read_text())["position"]
+    done, start = position["epoch"], position["start"]
+    assert done >= 1 and start > 0  # inside epoch done + 1
+    before = (exp / "checkpoint" / "state.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=rf"already trained {done} epochs and {start} "
+                       rf"batches of epoch {done + 1} \(max_epochs {done}\); raise max_epochs "
+                       rf"above {done} to continue"):
+        run(exp, done, resume=True)
+    assert (exp / "checkpoint" / "state.pt").read_bytes() == before
+
+
 def test_crash_between_write_and_rename_then_resume(straight, tmp_path, monkeypatch):
     exp = tmp_path / "exp"
     run(exp, 3)
@@ -260,14 +277,22 @@ def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_checkpoint(tmp_path):
                                                   strict=True))  # no update was applied
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path):
+@pytest.mark.parametrize("at", ["batch 9", "epoch 1's last batch"])
+def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path, at):
+    """SIGTERM during a batch: that batch finishes, a checkpoint is saved, the run stops; the
+    resumed run equals an uninterrupted one. After an epoch's last batch, the checkpoint holds
+    no batch of that epoch (its end, with validation and logs, had not run): the resumed run
+    ends that epoch at once."""
+    length = make_loaders()[0].sampler.epoch_length(0)
+    stop_at = 9 if at == "batch 9" else length
+    assert stop_at <= length
     exp = tmp_path / "exp"
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
     def loss_then_signal(model, batch, _calls=[0]):  # noqa: B006
         _calls[0] += 1
-        if _calls[0] == 9:
+        if _calls[0] == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return loss_fn(model, batch)
 
@@ -276,9 +301,12 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path):
                                  exp_dir=exp, max_epochs=6, lr_schedule="0.01*2 0.005",
                                  clip_grad_norm=1.0, progress=False, config={"note": "test"},
                                  model_config={"kind": "mlp"})
-    assert trainer.state.stopped_by_signal == "SIGTERM" and trainer.state.iteration == 9
+    assert trainer.state.stopped_by_signal == "SIGTERM" and trainer.state.iteration == stop_at
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed afterwards
-    resumed = run(exp, 6, resume=True)
+    position = json.loads((exp / "checkpoint" / "meta.json").read_text())["position"]
+    assert (position["epoch"], position["start"]) == (0, stop_at)
+    # crash_at: an epoch that never ends fails the test instead of running forever
+    resumed = run(exp, 6, resume=True, crash_at=50 * length)
     assert_same_run(straight[0], resumed, straight[1], exp)
 
 
