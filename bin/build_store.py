@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
-from tractrain.bin.flags import add_bool_flag
+from tractrain.bin.flags import add_bool_flag, path_arg
 
 MAX_JOBS = 1024
 
@@ -40,10 +40,11 @@ def make_parser() -> ArgumentParser:
         "and .trk/.tck/.trx tractograms described by a JSON config (every key: docs/builder.md), "
         "or by dwi_ml's group config and subject lists (see docs/coming-from-dwi_ml.md).",
     )
-    parser.add_argument("config", help="JSON builder config ('groups' and 'subjects'), or "
+    parser.add_argument("config", type=path_arg,
+                        help="JSON builder config ('groups' and 'subjects'), or "
                         "dwi_ml's group config with --train/--valid/--test-subjects")
-    parser.add_argument("out", help="output store folder, e.g. data.zarr")
-    parser.add_argument("--root", help="folder holding one sub-folder per subject "
+    parser.add_argument("out", type=path_arg, help="output store folder, e.g. data.zarr")
+    parser.add_argument("--root", type=path_arg, help="folder holding one sub-folder per subject "
                         "(default: the config's folder)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is a store (never anything else)")
@@ -60,7 +61,7 @@ def make_parser() -> ArgumentParser:
         "dwi_ml config", "CONFIG may be dwi_ml's JSON group config (as for "
         "dwiml_create_hdf5_dataset); its subjects then come from dwi_ml's subject-list files")
     for split in ("train", "valid", "test"):
-        lists.add_argument(f"--{split}-subjects", metavar="FILE",
+        lists.add_argument(f"--{split}-subjects", metavar="FILE", type=path_arg,
                            help=f"{split} subject ids, separated by white space")
     return parser
 

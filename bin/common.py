@@ -68,8 +68,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print ``<prog>: error: <message>`` on one line to stderr and exit with status 2
-        (argparse's ``argument --flag: ...`` is shortened to ``--flag: ...``)."""
-        message = re.sub(r"^argument (-[^:]*): ", r"\1: ", one_line(message))
+        (argparse's ``argument --flag: ...`` is shortened to ``--flag: ...``, and
+        ``argument experiment: ...`` to ``experiment: ...``)."""
+        message = re.sub(r"^argument ([^:]*): ", r"\1: ", one_line(message))
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
     def _check_value(self, action: argparse.Action, value) -> None:

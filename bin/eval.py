@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.flags import path_arg
 from tractrain.bin.options import GEN_METRICS
 from tractrain.bin.resume import add_trust_flags, trusted_code
 from tractrain.errors import ConfigError
@@ -34,12 +35,13 @@ def make_parser() -> ArgumentParser:
         "per subject and overall (plus generation scores if the model can track); prints a "
         "table and writes EXPERIMENT/eval/<split>.json and .csv.",
     )
-    parser.add_argument("experiment", help="experiment folder written by tractrain-train")
+    parser.add_argument("experiment", type=path_arg,
+                        help="experiment folder written by tractrain-train")
     parser.add_argument("--split", choices=SPLITS, default="test",
                         help="store split to evaluate (default: test)")
     parser.add_argument("--which", choices=("best", "checkpoint"), default="best",
                         help="best model or latest checkpoint weights (default: best)")
-    parser.add_argument("--store", metavar="PATH", default=None,
+    parser.add_argument("--store", metavar="PATH", default=None, type=path_arg,
                         help="the store, if it moved (default: the training store)")
     parser.add_argument("--gen-streamlines", dest="gen_streamlines", type=int, default=None,
                         metavar="N", help="streamlines tracked for the generation scores; 0 "

@@ -1,5 +1,5 @@
 """argparse pieces the commands share: fixed-choice values checked with a close-match
-suggestion, and ``--x/--no-x`` booleans that still take a value.
+suggestion, ``--x/--no-x`` booleans that still take a value, and paths that may not be empty.
 
 argparse's ``choices=`` cannot check a comma-separated list, says nothing about near misses,
 and its ``BooleanOptionalAction`` takes no value (``--amp true``, the form config files and
@@ -69,6 +69,17 @@ def not_one_of(value: object, values: Sequence[str]) -> str:
     match = closest(value, values)
     hint = f"; did you mean {match!r}?" if match is not None else ""
     return f"{value!r} is not one of {', '.join(map(str, values))}{hint}"
+
+
+EMPTY_PATH = "expected a path, got an empty string (an unset shell variable?)"
+
+
+def path_arg(text: str) -> str:
+    """A file or folder argument (argparse type): an empty one, e.g. an unset ``$EXP``, is
+    refused rather than read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    return text
 
 
 TRUE_WORDS = ("1", "true", "yes", "on")

@@ -7,7 +7,7 @@ import sys
 
 from tractrain.bin.build_store import add_jobs_flag
 from tractrain.bin.common import ArgumentParser, run
-from tractrain.bin.flags import add_bool_flag
+from tractrain.bin.flags import add_bool_flag, path_arg
 
 
 def make_parser() -> ArgumentParser:
@@ -17,8 +17,8 @@ def make_parser() -> ArgumentParser:
         "tractrain store (Zarr, format v1): every subject and group, its train/valid/test "
         "splits, streamlines converted to voxel-centre coordinates (see docs/store-format.md).",
     )
-    parser.add_argument("hdf5", metavar="IN.hdf5", help="dwi_ml HDF5 file")
-    parser.add_argument("out", metavar="OUT.zarr", help="output store folder")
+    parser.add_argument("hdf5", metavar="IN.hdf5", type=path_arg, help="dwi_ml HDF5 file")
+    parser.add_argument("out", metavar="OUT.zarr", type=path_arg, help="output store folder")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is a store (never anything else)")
     add_bool_flag(parser, "--progress", "progress",

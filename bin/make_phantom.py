@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.flags import path_arg
 from tractrain.errors import ConfigError
 
 
@@ -19,7 +20,8 @@ def make_parser() -> ArgumentParser:
         description="Write a deterministic synthetic dataset (dwi.nii.gz, mask.nii.gz, "
         "bundles.trk per subject) and its store-builder config.json into OUTDIR.",
     )
-    parser.add_argument("outdir", metavar="OUTDIR", help="output folder (missing or empty)")
+    parser.add_argument("outdir", metavar="OUTDIR", type=path_arg,
+                        help="output folder (missing or empty)")
     parser.add_argument("--subjects", type=int, default=3, help="number of subjects (3)")
     parser.add_argument("--shape", type=int, nargs=3, default=(32, 32, 20),
                         metavar=("X", "Y", "Z"), help="volume shape in voxels (32 32 20)")

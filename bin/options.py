@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tractrain.bin.common import suggest
-from tractrain.bin.flags import Choice, add_bool_flag, closest, parse_bool
+from tractrain.bin.flags import EMPTY_PATH, Choice, add_bool_flag, closest, parse_bool
 from tractrain.documents import load_mapping
 from tractrain.errors import ConfigError
 
@@ -240,6 +240,9 @@ def convert(name: str, value: Any, where: str) -> Any:
     if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS
                          and kind is not str):
         return None
+    if name in PATH_OPTIONS and isinstance(value, str) and not value.strip():
+        field = "" if where == flag_of(name) else f" {name}:"
+        raise ConfigError(f"{where}:{field} {EMPTY_PATH}")
     if kind is None:
         if isinstance(value, str):
             return load_mapping(value, f"{where}: {name}")

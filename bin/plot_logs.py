@@ -23,6 +23,7 @@ import numpy as np
 
 from tractrain.atomic import atomic_write_bytes
 from tractrain.bin.common import ArgumentParser, run, suggest
+from tractrain.bin.flags import path_arg
 from tractrain.errors import ConfigError
 from tractrain.experiment import ExperimentDir, read_best_epoch, read_iterations, read_logs
 
@@ -232,13 +233,15 @@ def make_parser() -> ArgumentParser:
         description="Plot the per-epoch logs (<exp>/logs/<metric>.npy) of one or several "
         "experiments in one PNG.",
     )
-    parser.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+    parser.add_argument("experiments", nargs="+", metavar="EXPERIMENT", type=path_arg,
                         help="experiment folder(s)")
     parser.add_argument("--logs", nargs="+", metavar="NAME",
                         help="metrics to plot, after the experiments (default: losses, gradient "
                         "norms, learning rate)")
-    parser.add_argument("--out", help="PNG to write (default: <first experiment>/logs/plot.png)")
-    parser.add_argument("--csv", metavar="FILE", help="also write the logs table as CSV")
+    parser.add_argument("--out", type=path_arg,
+                        help="PNG to write (default: <first experiment>/logs/plot.png)")
+    parser.add_argument("--csv", metavar="FILE", type=path_arg,
+                        help="also write the logs table as CSV")
     parser.add_argument("--log-scale", action="store_true", help="logarithmic y axes")
     parser.add_argument("--per-iteration", action="store_true",
                         help="plot the iteration loss, grad norm and lr of "

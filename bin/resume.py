@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
+from tractrain.bin.flags import path_arg
 from tractrain.bin.options import (
     OPTIONS,
     RESUME_OVERRIDES,
@@ -45,11 +46,13 @@ def make_parser() -> ArgumentParser:
         "the limit is raised. A run that stopped before its first checkpoint starts from "
         "scratch with its recorded config.",
     )
-    parser.add_argument("experiment", help="experiment folder written by tractrain-train")
+    parser.add_argument("experiment", type=path_arg,
+                        help="experiment folder written by tractrain-train")
     for name in OVERRIDES:  # converted like tractrain-train's flags
         add_flag(parser, name, help=HELP.get(name, f"{OPTIONS[name][2]} (default: as recorded)"),
                  metavar={"store": "PATH", "device": "DEV"}.get(name))
     parser.add_argument("--from-checkpoint", dest="from_checkpoint", metavar="PATH",
+                        type=path_arg,
                         help="go back first to this kept checkpoint, EXPERIMENT/checkpoints/"
                         "epoch-N (see tractrain-train --keep-checkpoints): it becomes the "
                         "live checkpoint again, with the best model of that time")

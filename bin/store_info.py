@@ -11,7 +11,7 @@ import json
 import sys
 
 from tractrain.bin.common import ArgumentParser, run
-from tractrain.bin.flags import add_bool_flag
+from tractrain.bin.flags import add_bool_flag, path_arg
 
 EXIT_CHECK_FAILED = 1
 
@@ -24,7 +24,7 @@ def make_parser() -> ArgumentParser:
         "training relies on (points inside the volume, inputs not all zeros, no NaN/inf, "
         "consistent offsets) and exit 1 if a check fails. Reads subject by subject.",
     )
-    parser.add_argument("store", help="store folder (.zarr) or .zip")
+    parser.add_argument("store", type=path_arg, help="store folder (.zarr) or .zip")
     parser.add_argument("--check", action="store_true",
                         help="also read every point and volume and check them")
     parser.add_argument("--json", action="store_true",

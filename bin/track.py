@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tractrain.bin.common import ArgumentParser, run
+from tractrain.bin.flags import path_arg
 from tractrain.bin.resume import add_trust_flags
 from tractrain.errors import ConfigError
 from tractrain.experiment import read_config
@@ -31,7 +32,8 @@ def make_parser() -> ArgumentParser:
         description="Track a subject with a trained model and write a tractogram (.trk, .tck "
         "or .trx, RAS+ mm, in the subject's reference space).",
     )
-    parser.add_argument("experiment", help="experiment folder written by tractrain-train")
+    parser.add_argument("experiment", type=path_arg,
+                        help="experiment folder written by tractrain-train")
     parser.add_argument("--subject", required=True, help="subject id in the store")
     parser.add_argument("--seeds", type=int, default=1000, metavar="N",
                         help="number of seeds (default: 1000)")
@@ -43,7 +45,8 @@ def make_parser() -> ArgumentParser:
                         "model before it tracks alone (default: 1)")
     parser.add_argument("--checkpoint", action="store_true",
                         help="use the latest checkpoint's weights instead of the best model")
-    parser.add_argument("--out", default="tracks.trk", help="output .trk, .tck or .trx "
+    parser.add_argument("--out", default="tracks.trk", type=path_arg,
+                        help="output .trk, .tck or .trx "
                         "(default: tracks.trk)")
     parser.add_argument("--step-mm", dest="step_mm", type=float, default=None, metavar="X",
                         help="step size in mm (default: the training step_size)")
@@ -57,7 +60,7 @@ def make_parser() -> ArgumentParser:
                         help="Gaussian noise added to each unit direction (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the seeds and noise")
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    parser.add_argument("--store", default=None, help="the store, if it moved")
+    parser.add_argument("--store", default=None, type=path_arg, help="the store, if it moved")
     parser.add_argument("--group", default=None,
                         help="streamline group (reference space, seeds; default: training's)")
     parser.add_argument("--mask-group", dest="mask_group", default=None,

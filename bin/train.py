@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tractrain.atomic import atomic_write_json
 from tractrain.bin.common import ArgumentParser, add_verbosity_flags, run
+from tractrain.bin.flags import path_arg
 from tractrain.bin.options import (
     OPTIONS,
     SECTIONS,
@@ -37,7 +38,7 @@ def make_parser() -> ArgumentParser:
         "underscores) and are overridden by flags.",
         epilog="Sections: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SECTIONS.items()),
     )
-    parser.add_argument("config", nargs="?", help="YAML or JSON config file")
+    parser.add_argument("config", nargs="?", type=path_arg, help="YAML or JSON config file")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing experiment folder of the same name")
     parser.add_argument("--resume", choices=("never", "auto"), default="never",

@@ -204,3 +204,45 @@ def test_usage_uses_the_installed_name_however_started(how):
                           env={**os.environ, "COLUMNS": "100"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: tractrain-plot-logs ")
+
+
+EMPTY_PATHS = [  # (command, argv): an empty path where a file or folder is expected
+    ("tractrain-make-phantom", ["", "--force"]),
+    ("tractrain-build-store", ["", "out.zarr"]),
+    ("tractrain-build-store", ["config.json", "", "--force"]),
+    ("tractrain-import-hdf5", ["in.hdf5", "", "--force"]),
+    ("tractrain-store-info", [" "]),
+    ("tractrain-train", ["--experiments", "", "--name", "x"]),
+    ("tractrain-train", ["--store", ""]),
+    ("tractrain-resume", [""]),
+    ("tractrain-eval", [""]),
+    ("tractrain-track", ["exp", "--subject", "s", "--out", ""]),
+    ("tractrain-plot-logs", ["exp", ""]),
+]
+
+
+@pytest.mark.parametrize("command, argv", EMPTY_PATHS, ids=[" ".join(map(repr, [c, *a]))
+                                                            for c, a in EMPTY_PATHS])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(command, argv, tmp_path,
+                                                                 monkeypatch, capsys):
+    """``--experiments "$EXP"`` with ``$EXP`` unset: one line naming the argument, exit 2,
+    nothing written in (or replaced by ``--force`` of) the current folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("keep")
+    main = importlib.import_module(COMMANDS[command]).main
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    err = one_line_error(capsys, status)
+    assert "expected a path, got an empty string (an unset shell variable?)" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_an_empty_path_in_a_config_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("experiments: ''\n")
+    with pytest.raises(ConfigError) as err:
+        read_config_file(path)
+    assert str(err.value) == (f"{path}: experiments: expected a path, got an empty string "
+                              "(an unset shell variable?)")
