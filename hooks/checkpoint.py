@@ -76,6 +76,7 @@ class Checkpoint:
         self.every_iterations = every_iterations
         self.trainer: Engine | None = None
         self.before_save = before_save
+        self.saved_iteration: int | None = None  # the trainer iteration of the last save
 
     def attach(self, trainer: Engine) -> Checkpoint:
         self.trainer = trainer
@@ -127,6 +128,7 @@ class Checkpoint:
             self.before_save()
         states = {name: obj.state_dict() for name, obj in self.objects.items()}
         if idist.get_rank() != 0:
+            self.saved_iteration = int(trainer.state.iteration) if trainer else None
             return self.path
         meta = {
             "format": FORMAT_NAME,
@@ -158,6 +160,7 @@ class Checkpoint:
                         write_file(folder / LOGS_DIR / path.name, path.read_bytes())
 
         atomic_write_dir(self.path, write)
+        self.saved_iteration = meta["iteration"]
         return self.path
 
     def restore(self, states: dict, strict: bool = True) -> None:

@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 
 class GracefulStop:
     """On SIGINT, SIGTERM or SIGUSR1, let the running iteration finish, save ``checkpoint``
-    (mid-epoch) and terminate the trainer with a message saying how to resume. A second SIGINT
-    aborts at once (KeyboardInterrupt). ``self.received`` holds the signal number once one arrived.
+    (mid-epoch) and terminate the trainer with a message saying how to resume. A signal that
+    arrives during an epoch's end (validation, logs) stops there, once the epoch's own
+    checkpoint is written (not saved twice), unless that was the last epoch: the run then
+    ends as it would have. A second SIGINT aborts at once (KeyboardInterrupt).
+    ``self.received`` holds the signal number once one arrived. ``checkpoint``: a `Checkpoint`
+    (``save(trainer)``, ``saved_iteration``).
 
     In a single process nothing runs per iteration until a signal arrives. In a distributed
     run a signal may reach any rank (or all, from the launcher): the ranks agree on one stop
@@ -55,11 +59,14 @@ class GracefulStop:
         reraise_if_last(trainer, self._on_exception, error)
 
     def _watch(self) -> None:
-        """Check for a stop at every ITERATION_COMPLETED from now on (one process)."""
+        """Check for a stop at every ITERATION_COMPLETED and EPOCH_COMPLETED from now on (one
+        process; a handler added while an event fires runs after that event's others)."""
         trainer = self._trainer
-        if trainer is not None and idist.get_world_size() == 1 and not \
-                trainer.has_event_handler(self._maybe_stop, Events.ITERATION_COMPLETED):
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_stop)
+        if trainer is None or idist.get_world_size() > 1:
+            return
+        for event in (Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED):
+            if not trainer.has_event_handler(self._maybe_stop, event):
+                trainer.add_event_handler(event, self._maybe_stop)
 
     def _install(self, trainer: Engine) -> None:
         self._trainer = trainer
@@ -95,9 +102,14 @@ class GracefulStop:
             self._maybe_stop(trainer)
 
     def _maybe_stop(self, trainer: Engine) -> None:
-        if self.received is None:
-            return
-        path = self.checkpoint.save(trainer)  # every rank collects, rank 0 writes
+        state = trainer.state
+        if self.received is None or (trainer.last_event_name == Events.EPOCH_COMPLETED and
+                                     state.max_epochs is not None and
+                                     state.epoch >= state.max_epochs):
+            return  # no signal, or the run's last epoch just ended: it finishes as planned
+        path = self.checkpoint.path
+        if self.checkpoint.saved_iteration != state.iteration:  # not saved at this one yet
+            path = self.checkpoint.save(trainer)  # every rank collects, rank 0 writes
         hint = f"; resume with: {self.resume_hint}" if self.resume_hint else ""
         if idist.get_rank() == 0:
             log.warning("stopped at epoch %d, iteration %d: checkpoint written to %s%s",

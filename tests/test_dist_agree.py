@@ -41,12 +41,16 @@ def _fail_on(rank: int, error: BaseException):
 class _Saves:
     """A stand-in checkpoint: records the iteration of every save."""
 
+    path = Path("checkpoint")
+
     def __init__(self) -> None:
         self.saved: list[int] = []
+        self.saved_iteration: int | None = None
 
     def save(self, trainer) -> Path:
         self.saved.append(trainer.state.iteration)
-        return Path("checkpoint")
+        self.saved_iteration = trainer.state.iteration
+        return self.path
 
 
 def _signal_run(rank: int) -> dict:

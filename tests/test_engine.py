@@ -277,22 +277,24 @@ def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_checkpoint(tmp_path):
                                                   strict=True))  # no update was applied
 
 
-@pytest.mark.parametrize("at", ["batch 9", "epoch 1's last batch"])
+@pytest.mark.parametrize("at", ["batch 9", "epoch 1's last batch", "epoch 1's validation"])
 def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path, at):
     """SIGTERM during a batch: that batch finishes, a checkpoint is saved, the run stops; the
     resumed run equals an uninterrupted one. After an epoch's last batch, the checkpoint holds
     no batch of that epoch (its end, with validation and logs, had not run): the resumed run
-    ends that epoch at once."""
+    ends that epoch at once. During validation: the run stops at the epoch's end, with the
+    epoch's own checkpoint (no training batch of the next epoch)."""
     length = make_loaders()[0].sampler.epoch_length(0)
-    stop_at = 9 if at == "batch 9" else length
-    assert stop_at <= length
+    stop_at = {"batch 9": 9, "epoch 1's last batch": length}.get(at)
     exp = tmp_path / "exp"
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
-    def loss_then_signal(model, batch, _calls=[0]):  # noqa: B006
-        _calls[0] += 1
-        if _calls[0] == stop_at:
+    def loss_then_signal(model, batch, _calls=[0], _sent=[]):  # noqa: B006
+        _calls[0] += model.training
+        due = _calls[0] == stop_at if stop_at else not model.training  # a batch, or validation
+        if due and not _sent:
+            _sent.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
         return loss_fn(model, batch)
 
@@ -301,13 +303,34 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(straight, tmp_path, a
                                  exp_dir=exp, max_epochs=6, lr_schedule="0.01*2 0.005",
                                  clip_grad_norm=1.0, progress=False, config={"note": "test"},
                                  model_config={"kind": "mlp"})
-    assert trainer.state.stopped_by_signal == "SIGTERM" and trainer.state.iteration == stop_at
+    stopped = (0, stop_at) if stop_at else (1, 0)  # (epochs done, batches of the next)
+    assert trainer.state.stopped_by_signal == "SIGTERM"
+    assert trainer.state.iteration == (stop_at or length)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed afterwards
     position = json.loads((exp / "checkpoint" / "meta.json").read_text())["position"]
-    assert (position["epoch"], position["start"]) == (0, stop_at)
+    assert (position["epoch"], position["start"]) == stopped
     # crash_at: an epoch that never ends fails the test instead of running forever
     resumed = run(exp, 6, resume=True, crash_at=50 * length)
     assert_same_run(straight[0], resumed, straight[1], exp)
+
+
+def test_sigterm_in_the_last_epochs_validation_lets_the_run_finish(tmp_path):
+    """The last epoch's end is the run's end: a signal there changes nothing (exit 0 for a
+    scheduler, no checkpoint to resume that would only say 'already trained')."""
+    model = make_model()
+
+    def loss_then_signal(model, batch, _sent=[False]):  # noqa: B006
+        if not model.training and not _sent[0]:
+            _sent[0] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_fn(model, batch)
+
+    train, valid = make_loaders()
+    trainer = train_and_validate(model, torch.optim.Adam(model.parameters(), lr=0.01),
+                                 loss_then_signal, train, valid_loader=valid,
+                                 exp_dir=tmp_path / "exp", max_epochs=1, progress=False)
+    assert getattr(trainer.state, "stopped_by_signal", None) is None
+    assert len(read_logs(tmp_path / "exp")["valid_loss"]) == 1
 
 
 def test_deferred_checks_train_identically_and_still_stop_on_nan(straight, tmp_path):
