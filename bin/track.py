@@ -190,7 +190,7 @@ def track_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(exp_dir, "checkpoint" if args.checkpoint else "best", device,
                        factory=factory, trust=True)
-    step_mm = args.step_mm or config.get("step_size") or 1.0
+    step_mm = args.step_mm if args.step_mm is not None else config.get("step_size") or 1.0
     field = subject_field(store, args.subject, group, input_config(config), device,
                           args.mask_group)
     rng = np.random.default_rng(args.seed)

@@ -212,3 +212,8 @@ def test_track_command_from_checkpoint_and_streamline_seeds(experiment, phantom_
     assert "--subject 'nobody'" in err and len(err.splitlines()) == 1
     assert track_main([str(experiment), "--subject", subject, "--out", "x.nii"]) == 2
     assert "--out" in capsys.readouterr().err
+    before = out.read_bytes()  # a step of 0 mm is refused, not read as "the default step"
+    assert track_main([str(experiment), "--subject", subject, "--step-mm", "0", "--device",
+                       "cpu", "--out", str(out)]) == 2
+    assert "step_mm: expected a finite number > 0, got 0.0" in capsys.readouterr().err
+    assert out.read_bytes() == before
