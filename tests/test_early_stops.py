@@ -100,10 +100,7 @@ def test_signal_in_the_first_seconds_then_next_command_works(phantom_store, tmp_
         time.sleep(0.01)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:  # on a loaded machine it can land in the (only) epoch's end,
-        assert "epoch 1/1" in err, err  # where the run ends as planned (README)
-    else:
-        assert proc.returncode in (-sig, 128 + sig), err
+    assert proc.returncode in (-sig, 128 + sig), err
     assert "checkpoint kept" not in err
     if next_cmd == "resume" and not exp.exists():
         pytest.skip("the signal landed after the folder was cleaned up")
