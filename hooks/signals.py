@@ -25,7 +25,9 @@ class GracefulStop:
     checkpoint is written (not saved twice), unless that was the last epoch: the run then
     ends as it would have. A second SIGINT aborts at once (KeyboardInterrupt).
     ``self.received`` holds the signal number once one arrived. ``checkpoint``: a `Checkpoint`
-    (``save(trainer)``, ``saved_iteration``).
+    (``save(trainer)``, ``saved_iteration``). A signal ignored when the run starts stays ignored
+    (a shell starts ``cmd &`` with SIGINT ignored, so that Ctrl-C stops only the foreground
+    job; Python itself keeps it so).
 
     In a single process nothing runs per iteration until a signal arrives. In a distributed
     run a signal may reach any rank (or all, from the launcher): the ranks agree on one stop
@@ -75,7 +77,8 @@ class GracefulStop:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored by the parent: stays so
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _uninstall(self, trainer: Engine, *args) -> None:
         for sig, handler in self._previous.items():

@@ -517,3 +517,39 @@ def test_every_hook_attach_returns_the_hook_for_chaining(tmp_path):
     trainer = make_trainer(dict)
     for hook in hooks:
         assert hook.attach(trainer) is hook, type(hook).__name__
+
+
+def test_graceful_stop_keeps_a_signal_the_parent_ignored(tmp_path):
+    """``tractrain-train ... &`` from a script: the shell ignores SIGINT for it (Ctrl-C is for
+    the foreground job); the run keeps it ignored, and still stops on SIGTERM."""
+    import os
+    import signal
+
+    from tractrain.hooks.signals import GracefulStop
+
+    class Saves:
+        path, saved_iteration = tmp_path, None
+
+        def save(self, trainer):
+            self.saved_iteration = trainer.state.iteration
+            return self.path
+
+    seen = []
+
+    def step(engine, batch):
+        seen.append(signal.getsignal(signal.SIGINT))
+        if engine.state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the run goes on
+        if engine.state.iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Engine(step)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        GracefulStop(Saves()).attach(trainer)
+        trainer.run(list(range(5)), max_epochs=2)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen and all(h is signal.SIG_IGN for h in seen)
+    assert trainer.state.stopped_by_signal == "SIGTERM" and trainer.state.iteration == 3
