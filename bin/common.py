@@ -131,15 +131,24 @@ class _DebugRelay(logging.Handler):
         logging.getLogger("tractrain").debug("%s: %s", record.name, record.getMessage())
 
 
+# ignite loggers that `ignite.utils.setup_logger` gives a stderr handler of their own (INFO:
+# spawn parameters, "Apply torch DistributedDataParallel") unless they exist already
+OWN_HANDLER_LOGGERS = ("ignite.distributed.launcher.Parallel",
+                       "ignite.distributed.auto.auto_model")
+
+
 @contextlib.contextmanager
 def quiet_ignite(debug: bool):
-    """Route ignite's own log lines ("Engine run is terminating due to exception ...") to the
-    ``tractrain`` logger at DEBUG, so an error is reported once, by `run`; unchanged with
+    """Route ignite's own log lines ("Engine run is terminating due to exception ...", the
+    distributed launcher's INFO) to the ``tractrain`` logger at DEBUG, so a batch job's log
+    holds tractrain's lines and an error is reported once, by `run`; unchanged with
     ``--debug``."""
     logger = logging.getLogger("ignite")
     if debug:
         yield
         return
+    for name in OWN_HANDLER_LOGGERS:  # created first: ignite keeps them, they propagate here
+        logging.getLogger(name)
     relay, propagate = _DebugRelay(), logger.propagate
     logger.addHandler(relay)
     logger.propagate = False

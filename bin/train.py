@@ -123,13 +123,16 @@ def preflight(config: dict) -> None:
         raise FileNotFoundError(f"--store {config['store']}: no such store")
 
 
-def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool) -> None:
+def _rank_main(local_rank: int, config: dict, exp_dir: str, resume: bool,
+               debug: bool = False) -> None:
     """One process of a distributed run; rank 0 prints the summary."""
+    from tractrain.bin.common import quiet_ignite
     from tractrain.bin.compose import run_training
     from tractrain.engine.distributed import is_main
     from tractrain.log import configure
 
-    with configure():  # a spawned rank starts without the launcher's logging set-up
+    # a spawned rank starts without the launcher's logging set-up
+    with configure(), quiet_ignite(debug):
         trainer = run_training(config, Path(exp_dir), resume=resume)
     if is_main():
         status = finish(trainer, Path(exp_dir), config)
@@ -171,7 +174,8 @@ def train_to_end(config: dict, exp_dir: Path, *, resume: bool, debug: bool, prog
         open_run_store(config)  # build and cache the demo store before the ranks start
         backend = default_backend(resolve_device(config["device"]))
         try:
-            run_distributed(_rank_main, nproc, backend, args=(config, str(exp_dir), resume),
+            run_distributed(_rank_main, nproc, backend,
+                            args=(config, str(exp_dir), resume, debug),
                             timeout_s=float(config.get("dist_timeout") or DEFAULT_TIMEOUT_S))
         except ProcessExitedException as err:  # rank 0 stopped by a signal: its status
             from tractrain.bin.cluster import STOP_STATUSES

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 import pickle
 import re
@@ -124,22 +123,8 @@ def run_distributed(
         spawn["init_method"] = init_method
     else:
         spawn["master_port"] = free_port()
-    quiet_ignite_info()
     with idist.Parallel(backend=backend, **spawn) as parallel, forward_signals():
         parallel.run(fn, *args, **kwargs)
-
-
-# ignite loggers that write INFO lines (spawn parameters, "Apply torch DistributedDataParallel")
-# through a stderr handler of their own, unless the logger exists already
-IGNITE_INFO_LOGGERS = ("ignite.distributed.launcher.Parallel",
-                       "ignite.distributed.auto.auto_model")
-
-
-def quiet_ignite_info() -> None:
-    """Keep a batch job's log to tractrain's own lines: ignite's launcher and DDP wrapper log
-    only warnings (through the root handlers)."""
-    for name in IGNITE_INFO_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 FORWARDED = ("SIGTERM", "SIGUSR1")  # SIGINT: a terminal's Ctrl-C reaches every process
@@ -295,7 +280,6 @@ def auto_model(model: torch.nn.Module) -> torch.nn.Module:
     itself otherwise or when it is already wrapped."""
     if not is_distributed() or isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model
-    quiet_ignite_info()
     return idist.auto_model(model)
 
 
