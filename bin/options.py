@@ -229,20 +229,20 @@ def convert(name: str, value: Any, where: str) -> Any:
     if name not in OPTIONS:
         raise ConfigError(f"{where}: unknown option {name!r}{suggest(name, OPTIONS)}")
     default, kind, _ = OPTIONS[name]
+    # "--optimizer: ..." on the command line, "run.yaml: optimizer: ..." from a file
+    label = where if where == flag_of(name) else f"{where}: {name}"
     choice = choice_of(name)
     if choice is not None and value is not None and not (
             default is None and str(value).strip().lower() in NONE_WORDS):
         try:
             return choice.check(value)
-        except ValueError as err:  # "--optimizer: ..." or "run.yaml: optimizer: ..."
-            field = "" if where == flag_of(name) else f" {name}:"
-            raise ConfigError(f"{where}:{field} {err}") from None
+        except ValueError as err:
+            raise ConfigError(f"{label}: {err}") from None
     if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS
                          and kind is not str):
         return None
     if name in PATH_OPTIONS and isinstance(value, str) and not value.strip():
-        field = "" if where == flag_of(name) else f" {name}:"
-        raise ConfigError(f"{where}:{field} {EMPTY_PATH}")
+        raise ConfigError(f"{label}: {EMPTY_PATH}")
     if kind is None:
         if isinstance(value, str):
             return load_mapping(value, f"{where}: {name}")
